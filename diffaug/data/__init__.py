@@ -1,0 +1,1 @@
+"""Real data that ships with diffaug and works offline; see LICENSES.md beside it."""

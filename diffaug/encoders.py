@@ -1,0 +1,240 @@
+"""Meta-encoders: small frozen networks f_E(x, m) fitted to the reference ops (Stage I), differentiable in m.
+
+Two architectures share one interface, ``encoder(x, magnitude)`` with the contract of ``diffaug.ops.apply_op``:
+
+* ``"paper"`` -- the forms of the TST paper (Sec. 3.5), for reproduction and ablation:
+  affine ops  A = reshape(FC([theta_E, m])) applied with affine_grid / grid_sample;
+  colour ops  Conv(x * (0.5 + sigmoid(s)) + sigmoid(t) - 0.5) with [s, t] = FC([theta_E, m]).
+* ``"default"`` -- same spirit (a tiny network of m holding the prior), but with the inputs each op needs and the
+  identity at m = 0 by construction. A network acts per *sample* (m in, a handful of coefficients out) and the
+  per-pixel work is a few operations, which is what keeps the augmenter fast:
+  blend       clamp(x + m * (a x + b D + c)), D the op's degenerate image (black, gray, mean or blur);
+  staircase   x minus the 8-bit residuals below each dropped bit, each gated by a step in m (Posterize);
+  threshold   x + step(x - tau(m)) (1 - 2 x): a jump that moves with m, not a smooth fit of it (Solarize);
+  affine      one 2x3 map per sample, linear = I + m B(m), shift = m b(m) as a fraction of the size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import DiffAugError, check_images, check_magnitude
+from .ops import clip01, get_op, warp
+
+__all__ = ["ARCHS", "MetaEncoder", "build_encoder", "freeze"]
+
+ARCHS = ("default", "paper")
+
+
+class MagnitudeNet(nn.Module):
+    """m (B,) -> (B, out): a linear term plus a tanh hidden layer; evaluated in float32 whatever the image dtype."""
+
+    def __init__(self, out_features: int, hidden: int = 16) -> None:
+        super().__init__()
+        self.linear = nn.Linear(1, out_features)
+        self.hidden = nn.Sequential(nn.Linear(1, hidden), nn.Tanh(), nn.Linear(hidden, out_features))
+        nn.init.zeros_(self.hidden[2].weight)
+        nn.init.zeros_(self.hidden[2].bias)
+
+    def forward(self, m: Tensor) -> Tensor:
+        m = m.to(self.linear.weight.dtype).unsqueeze(1)
+        return self.linear(m) + self.hidden(m)
+
+
+class MetaEncoder(nn.Module):
+    """Base of all encoders: validates at the boundary, then calls ``transform`` on a (B, C, H, W) batch."""
+
+    def __init__(self, op: str, arch: str) -> None:
+        super().__init__()
+        self.op = op
+        self.arch = arch
+
+    def forward(self, x: Tensor, magnitude: Tensor) -> Tensor:
+        """Apply the encoder; same contract as ``apply_op(self.op, x, magnitude)``."""
+        check_images(x)
+        unbatched = x.dim() == 3
+        batch = x.unsqueeze(0) if unbatched else x
+        check_magnitude(magnitude, batch.shape[0], get_op(self.op).signed, self.op)
+        out = self.transform(batch, magnitude.to(batch.device))
+        return out.squeeze(0) if unbatched else out
+
+    def transform(self, x: Tensor, magnitude: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"op={self.op!r}, arch={self.arch!r}"
+
+
+def _step(distance: Tensor, width: Tensor, surrogate_width: float | None) -> Tensor:
+    """A step at distance 0 that rises linearly over ``width``: finite slope, so gradients reach its position.
+
+    With ``surrogate_width``, the value is the same but the gradient is that of a step ``surrogate_width`` wide
+    (straight-through): a narrow step is faithful but passes gradient only for inputs within ``width`` of it.
+    """
+    step = clip01(distance / width + 0.5)
+    if surrogate_width is None or not torch.is_grad_enabled():
+        return step
+    wide = clip01(distance / surrogate_width + 0.5)
+    return step + (wide - wide.detach())
+
+
+class BlendEncoder(MetaEncoder):
+    """clamp(x + m (a x + b D + c)), with (a, b, c) from a tiny network of m and D the op's degenerate image."""
+
+    def __init__(self, op: str) -> None:
+        super().__init__(op, "default")
+        self.degenerate = get_op(op).degenerate
+        self.coefficients = MagnitudeNet(3)
+
+    def transform(self, x: Tensor, magnitude: Tensor) -> Tensor:
+        a, b, c = (magnitude.unsqueeze(1) * self.coefficients(magnitude)).to(x.dtype).view(-1, 3, 1, 1, 1).unbind(1)
+        return clip01(x + a * x + b * self.degenerate(x) + c)
+
+
+class StaircaseEncoder(MetaEncoder):
+    """Posterize: drop the residual below bit k (k = 1..4) with a gate that steps up in m at ``centre_k``.
+
+    Each gate rises over ``width_k >= min_width`` and starts above m = 0 (softplus), so m = 0 is exactly the
+    identity. A frozen encoder passes gradients w.r.t. m through steps ``surrogate_width`` wide: relaxed-Bernoulli
+    magnitudes sit near 0 and 1, away from every fitted step, where the true slope is 0 and nothing would learn.
+    While fitting (train mode) the true gradient is used.
+    """
+
+    bits = 4
+    surrogate_width = 0.3
+
+    def __init__(self, op: str, min_width: float = 0.05) -> None:
+        super().__init__(op, "default")
+        self.min_width = min_width
+        # Generic start: evenly spaced guesses; Stage I moves them to where the op switches.
+        guesses = torch.arange(1, self.bits + 1, dtype=torch.float32) / (self.bits + 1)
+        self.start = nn.Parameter(torch.log(torch.expm1(guesses)))
+        self.width = nn.Parameter(torch.zeros(self.bits))
+
+    def transform(self, x: Tensor, magnitude: Tensor) -> Tensor:
+        width = self.min_width + F.softplus(self.width)
+        centre = F.softplus(self.start) + width / 2
+        surrogate = None if self.training else self.surrogate_width
+        gates = _step(magnitude.to(centre.dtype).unsqueeze(1) - centre, width, surrogate).to(x.dtype)  # (B, bits)
+        # Posterize to 8 - k bits subtracts bits 0..k-1 of the 8-bit level; gate k removes bit k - 1.
+        levels = torch.round(x.detach() * 255)
+        out = x
+        for k in range(self.bits):
+            bit = torch.remainder(torch.floor(levels / 2**k), 2) * (2**k / 255)
+            out = out - gates[:, k].view(-1, 1, 1, 1) * bit
+        return clip01(out)  # as the reference: a value just above a level's midpoint could dip below 0
+
+
+class ThresholdEncoder(MetaEncoder):
+    """Solarize: x + step(x - tau) (1 - 2 x), tau = 256/255 - m h(m), the step (0.25, 2) levels wide.
+
+    The step is at most 2 levels wide and lies above 1 when m = 0, so m = 0 is exactly the identity. A frozen
+    encoder passes gradients through a step ``surrogate_width`` wide (in pixel value), so that every pixel near the
+    threshold, not only the few within two levels of it, tells the magnitude which way to go. While fitting
+    (train mode) the true gradient is used.
+    """
+
+    surrogate_width = 0.1
+
+    def __init__(self, op: str) -> None:
+        super().__init__(op, "default")
+        self.depth = MagnitudeNet(1, hidden=8)
+        self.width = nn.Parameter(torch.zeros(()))
+
+    def transform(self, x: Tensor, magnitude: Tensor) -> Tensor:
+        tau = (256 / 255 - magnitude * self.depth(magnitude).squeeze(1)).to(x.dtype).view(-1, 1, 1, 1)
+        width = ((0.25 + 1.75 * torch.sigmoid(self.width)) / 255).to(x.dtype)
+        surrogate = None if self.training else self.surrogate_width
+        return x + _step(x - tau, width, surrogate) * (1 - 2 * x)
+
+
+class AffineEncoder(MetaEncoder):
+    """One map per sample: linear = I + m B(m), shift = m b(m) as a fraction of (W, H); m = 0 is the identity."""
+
+    def __init__(self, op: str) -> None:
+        super().__init__(op, "default")
+        self.coefficients = MagnitudeNet(6, hidden=32)
+
+    def matrices(self, magnitude: Tensor) -> tuple[Tensor, Tensor]:
+        c = magnitude.unsqueeze(1) * self.coefficients(magnitude)
+        linear = torch.eye(2, device=c.device, dtype=c.dtype) + c[:, :4].view(-1, 2, 2)
+        return linear, c[:, 4:]
+
+    def transform(self, x: Tensor, magnitude: Tensor) -> Tensor:
+        linear, shift = self.matrices(magnitude)
+        return warp(x, linear, shift)
+
+
+class PaperAffineEncoder(MetaEncoder):
+    """The paper's spatial transformer: theta = reshape(FC([theta_E, m])), grid_sample with zero padding."""
+
+    def __init__(self, op: str, prior_size: int = 8) -> None:
+        super().__init__(op, "paper")
+        self.theta_e = nn.Parameter(torch.randn(prior_size) * 0.1)
+        self.fc = nn.Linear(prior_size + 1, 6)
+        nn.init.zeros_(self.fc.weight)
+        with torch.no_grad():
+            self.fc.bias.copy_(torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 0.0]))
+
+    def transform(self, x: Tensor, magnitude: Tensor) -> Tensor:
+        m = magnitude.to(self.fc.weight.dtype).unsqueeze(1)
+        theta = self.fc(torch.cat([self.theta_e.expand(m.shape[0], -1), m], dim=1)).view(-1, 2, 3).to(x.dtype)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+class PaperColorEncoder(MetaEncoder):
+    """The paper's colour network: Conv3x3(x (0.5 + sigmoid(s)) + sigmoid(t) - 0.5), [s, t] = FC([theta_E, m])."""
+
+    def __init__(self, op: str, prior_size: int = 8) -> None:
+        super().__init__(op, "paper")
+        self.theta_e = nn.Parameter(torch.randn(prior_size) * 0.1)
+        self.fc = nn.Linear(prior_size + 1, 2)
+        nn.init.zeros_(self.fc.weight)
+        nn.init.zeros_(self.fc.bias)
+        self.conv = nn.Conv2d(3, 3, kernel_size=3, padding=1)
+        with torch.no_grad():  # start at the identity: a centred delta kernel per channel
+            self.conv.weight.zero_()
+            self.conv.weight[range(3), range(3), 1, 1] = 1.0
+            self.conv.bias.zero_()
+
+    def transform(self, x: Tensor, magnitude: Tensor) -> Tensor:
+        m = magnitude.to(self.fc.weight.dtype).unsqueeze(1)
+        scale, shift = self.fc(torch.cat([self.theta_e.expand(m.shape[0], -1), m], dim=1)).to(x.dtype).unbind(1)
+        channels = x.shape[1]
+        rgb = x.expand(-1, 3, -1, -1) if channels == 1 else x
+        y = rgb * (0.5 + torch.sigmoid(scale)).view(-1, 1, 1, 1) + (torch.sigmoid(shift) - 0.5).view(-1, 1, 1, 1)
+        out = F.conv2d(y, self.conv.weight.to(x.dtype), self.conv.bias.to(x.dtype), padding=1)
+        return out.mean(dim=1, keepdim=True) if channels == 1 else out
+
+
+_DEFAULT_FAMILIES = {
+    "blend": BlendEncoder,
+    "staircase": StaircaseEncoder,
+    "threshold": ThresholdEncoder,
+    "affine": AffineEncoder,
+}
+
+
+def freeze(encoder: MetaEncoder) -> MetaEncoder:
+    """Turn every parameter of ``encoder`` into a buffer: the prior moves with ``.to()`` and is saved in state
+    dicts, but no optimiser built from ``.parameters()`` of a module holding it can see or change it."""
+    for module in encoder.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            del module._parameters[name]
+            module.register_buffer(name, param.detach())
+    return encoder.eval()
+
+
+def build_encoder(op: str, arch: str = "default") -> MetaEncoder:
+    """A freshly initialised (unfitted) encoder for ``op``; ``diffaug.load_priors`` gives fitted ones."""
+    spec = get_op(op)
+    if arch not in ARCHS:
+        raise DiffAugError(f"arch must be one of {list(ARCHS)}; got {arch!r}")
+    if not spec.has_magnitude:
+        raise DiffAugError(f"{op} has no magnitude and no encoder (it is applied directly); got a request for one")
+    if arch == "paper":
+        return PaperAffineEncoder(op) if spec.kind == "affine" else PaperColorEncoder(op)
+    return _DEFAULT_FAMILIES[spec.encoder](op)

@@ -1,0 +1,66 @@
+"""The one exception type of diffaug and the input checks that raise it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["DiffAugError", "check_images", "check_magnitude"]
+
+
+class DiffAugError(ValueError):
+    """Raised for any input diffaug cannot use; the message names what was expected and what was given."""
+
+
+def _describe(x: torch.Tensor) -> str:
+    return f"{str(x.dtype).removeprefix('torch.')} of shape {tuple(x.shape)}"
+
+
+def check_images(x: object, name: str = "images", value_range: tuple[float, float] = (0.0, 1.0)) -> None:
+    """Check the image contract: float (B, C, H, W) or (C, H, W), C in {1, 3}, finite values in ``value_range``.
+
+    The range check is one reduction (``aminmax``), which also catches NaN and inf, so the happy path is cheap.
+    """
+    expected = f"{name} must be a float tensor in [{value_range[0]:g}, {value_range[1]:g}] with shape (B, C, H, W) or (C, H, W), C in {{1, 3}}"
+    if not isinstance(x, torch.Tensor):
+        raise DiffAugError(f"{expected}; got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise DiffAugError(f"{expected}; got {_describe(x)} (convert with x.float() / 255)")
+    if x.dim() not in (3, 4):
+        raise DiffAugError(f"{expected}; got {_describe(x)}")
+    channels = x.shape[-3]
+    if channels not in (1, 3):
+        hint = " (channels-last? use x.permute(0, 3, 1, 2))" if x.shape[-1] in (1, 3) else ""
+        raise DiffAugError(f"{expected}; got {_describe(x)} with {channels} channels{hint}")
+    if x.numel() == 0:
+        raise DiffAugError(f"{expected}; got an empty tensor of shape {tuple(x.shape)}")
+    lo, hi = torch.aminmax(x.detach())
+    if not (lo >= value_range[0] and hi <= value_range[1]):
+        if not torch.isfinite(x).all():
+            raise DiffAugError(f"{expected}; got {_describe(x)} containing NaN or inf")
+        raise DiffAugError(f"{expected}; got values in [{lo.item():.4g}, {hi.item():.4g}]")
+
+
+def check_magnitude(magnitude: object, batch: int, signed: bool, op: str) -> torch.Tensor:
+    """Check a per-sample magnitude: a float tensor of shape (batch,), in [-1, 1] if ``signed`` else [0, 1]."""
+    lo = -1.0 if signed else 0.0
+    expected = f"magnitude for {op} must be a float tensor of shape ({batch},) with values in [{lo:g}, 1]"
+    if not isinstance(magnitude, torch.Tensor):
+        raise DiffAugError(f"{expected}; got {type(magnitude).__name__}")
+    if not magnitude.is_floating_point() or tuple(magnitude.shape) != (batch,):
+        raise DiffAugError(f"{expected}; got {_describe(magnitude)}")
+    mlo, mhi = torch.aminmax(magnitude.detach())
+    if not (mlo >= lo and mhi <= 1.0):
+        raise DiffAugError(f"{expected}; got values in [{mlo.item():.4g}, {mhi.item():.4g}]")
+    return magnitude
+
+
+def check_names(names: Sequence[str], known: Sequence[str], what: str = "op") -> None:
+    """Raise for any name not in ``known``, listing the known ones."""
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise DiffAugError(f"unknown {what} name(s) {unknown}; expected names from {list(known)}")
+    duplicated = sorted({n for n in names if list(names).count(n) > 1})
+    if duplicated:
+        raise DiffAugError(f"{what} names must be unique; got {duplicated} more than once")

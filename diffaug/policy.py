@@ -1,0 +1,323 @@
+"""PolicyAugmenter: learnable per-op probabilities and magnitudes over frozen meta-encoders (TST Eq. 4 and 5).
+
+Sampling is apart from applying: ``sample(batch_size)`` draws a ``PolicySample`` (which ops each image gets,
+their gates, signed magnitudes and Cutout positions), and ``apply(x, sample)`` replays it, so a teacher and a
+student can see exactly the same augmented batch. In ``train()`` mode gates and magnitudes are relaxed-Bernoulli
+samples that carry gradients to the logits; in ``eval()`` mode they are hard samples of the same distribution.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields, replace
+from os import PathLike
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from .encoders import MetaEncoder
+from .errors import DiffAugError, check_images, check_names
+from .ops import clip01, get_op, op_names
+
+__all__ = ["PolicyAugmenter", "PolicySample", "relaxed_bernoulli"]
+
+# Gates below this contribute less than a millionth of their op's residual (and of its gradient); skipping them
+# saves about a third of the encoder work at p = 0.5 in train mode.
+_NEGLIGIBLE_GATE = 1e-6
+
+
+def relaxed_bernoulli(logits: Tensor, temperature: float, generator: torch.Generator | None = None) -> Tensor:
+    """sigmoid((logits + L) / temperature), L ~ Logistic(0, 1): ``RelaxedBernoulli(logits=...).rsample()``."""
+    u = _uniform(logits.shape, generator, logits.device).clamp(1e-6, 1 - 1e-6)
+    return torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / temperature)
+
+
+def _uniform(shape: Sequence[int], generator: torch.Generator | None, device: torch.device) -> Tensor:
+    draw_on = generator.device if generator is not None else device
+    return torch.rand(tuple(shape), generator=generator, device=draw_on).to(device)
+
+
+@dataclass(frozen=True)
+class PolicySample:
+    """One draw of the policy for a batch; replay it with ``PolicyAugmenter.apply``.
+
+    Attributes:
+        ops: the op names, one per column below.
+        selected: (B, K) bool, the ops drawn for each image.
+        gates: (B, K) weight of each op's residual in [0, 1] (0 where not selected); relaxed in train mode.
+        magnitudes: (B, K) signed magnitudes (0 for ops without one).
+        positions: (B, 2) Cutout centres as fractions of (W, H).
+    """
+
+    ops: tuple[str, ...]
+    selected: Tensor
+    gates: Tensor
+    magnitudes: Tensor
+    positions: Tensor
+
+    def __len__(self) -> int:
+        return self.selected.shape[0]
+
+    def __getitem__(self, index: int | slice | Tensor) -> PolicySample:
+        """The sample of a subset of the batch (an int keeps a batch of one)."""
+        if isinstance(index, int):
+            index = slice(index, index + 1 if index != -1 else None)
+        return replace(self, **{f.name: getattr(self, f.name)[index] for f in fields(self) if f.name != "ops"})
+
+    def to(self, device: torch.device | str) -> PolicySample:
+        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self) if f.name != "ops"})
+
+    def detach(self) -> PolicySample:
+        return replace(self, **{f.name: getattr(self, f.name).detach() for f in fields(self) if f.name != "ops"})
+
+
+def _logit(value: float, what: str) -> float:
+    if not isinstance(value, (int, float)) or not 0.0 < float(value) < 1.0:
+        raise DiffAugError(f"{what} must be a number strictly between 0 and 1; got {value!r}")
+    return math.log(value / (1.0 - value))
+
+
+def _initial_logits(value: float | Mapping[str, float], names: Sequence[str], what: str) -> Tensor:
+    if isinstance(value, Mapping):
+        check_names(list(value), names, what=f"{what} op")
+        values = [value.get(n, 0.5) for n in names]
+    else:
+        values = [value] * len(names)
+    return torch.tensor([_logit(v, f"{what} of {n}") for v, n in zip(values, names)], dtype=torch.float32)
+
+
+class PolicyAugmenter(nn.Module):
+    """Differentiable AutoAugment policy: one learnable probability per op and one magnitude per magnitude op.
+
+    Args:
+        ops: op names to use (default: all 14 of ``diffaug.OPS``, kept in table order).
+        n_ops: ops drawn per image without replacement (N_A of the paper; default 4, or all ops if fewer).
+        probability: initial apply probability, one float or a dict by op name (others 0.5).
+        magnitude: initial magnitude in (0, 1), one float or a dict by op name (others 0.5).
+        temperature: relaxed-Bernoulli temperature (tau_l = 0.05 in the paper).
+        selection: "sample" draws the ops per image; "batch" draws one set for the whole batch (the paper).
+        magnitude_sampling: "relaxed" samples magnitudes like gates (Eq. 4); "mean" uses sigmoid(logit) as is.
+        forward: "encoder" outputs the meta-encoders' pixels (the paper); "reference" outputs the exact reference
+            ops while gradients flow through the encoders (straight-through).
+        priors: "default" (the shipped fitted priors), a priors folder, a dict of encoders by op name, or None
+            for freshly initialised, unfitted encoders.
+        arch: encoder architecture, "default" or "paper", when priors is "default", a folder or None.
+        mean, std: per-channel normalisation of the inputs; images are un-normalised before augmenting.
+        seed: seeds the augmenter's own generator, so every draw is reproducible.
+
+    Shape:
+        input: (B, C, H, W) or (C, H, W) float, C in {1, 3}, values in [0, 1] (or normalised with mean/std).
+        output: same as input.
+
+    Example:
+        >>> aug = PolicyAugmenter(seed=0)
+        >>> x = torch.rand(8, 3, 32, 32)
+        >>> aug(x).shape
+        torch.Size([8, 3, 32, 32])
+        >>> s = aug.sample(8); torch.equal(aug.apply(x, s), aug.apply(x, s))
+        True
+    """
+
+    probability_logits: nn.Parameter
+    magnitude_logits: nn.Parameter
+
+    def __init__(
+        self,
+        ops: Sequence[str] | None = None,
+        *,
+        n_ops: int | None = None,
+        probability: float | Mapping[str, float] = 0.5,
+        magnitude: float | Mapping[str, float] = 0.5,
+        temperature: float = 0.05,
+        selection: Literal["sample", "batch"] = "sample",
+        magnitude_sampling: Literal["relaxed", "mean"] = "relaxed",
+        forward: Literal["encoder", "reference"] = "encoder",
+        priors: str | PathLike | Mapping[str, MetaEncoder] | None = "default",
+        arch: str = "default",
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.ops = op_names(ops)
+        self.magnitude_ops = tuple(n for n in self.ops if get_op(n).has_magnitude)
+        n_ops = min(4, len(self.ops)) if n_ops is None else n_ops
+        if not isinstance(n_ops, int) or not 1 <= n_ops <= len(self.ops):
+            raise DiffAugError(f"n_ops must be an int in [1, {len(self.ops)}] (the number of ops); got {n_ops!r}")
+        if not (isinstance(temperature, (int, float)) and temperature > 0):
+            raise DiffAugError(f"temperature must be a positive number; got {temperature!r}")
+        _check_choice("selection", selection, ("sample", "batch"))
+        _check_choice("magnitude_sampling", magnitude_sampling, ("relaxed", "mean"))
+        _check_choice("forward", forward, ("encoder", "reference"))
+        self.n_ops = n_ops
+        self.temperature = float(temperature)
+        self.selection = selection
+        self.magnitude_sampling = magnitude_sampling
+        self.forward_mode = forward
+        self.probability_logits = nn.Parameter(_initial_logits(probability, self.ops, "probability"))
+        self.magnitude_logits = nn.Parameter(_initial_logits(magnitude, self.magnitude_ops, "magnitude"))
+        self.encoders = nn.ModuleDict(_resolve_encoders(priors, arch, self.magnitude_ops))
+        self._set_normalisation(mean, std)
+        self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Sampling
+
+    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> PolicySample:
+        """Draw which ops each image gets, their gates and signed magnitudes (relaxed in train mode)."""
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise DiffAugError(f"batch_size must be a positive int; got {batch_size!r}")
+        generator = generator if generator is not None else self.generator
+        device = self.probability_logits.device
+        k = len(self.ops)
+        rows = batch_size if self.selection == "sample" else 1
+        chosen = _uniform((rows, k), generator, device).topk(self.n_ops, dim=1).indices
+        selected = torch.zeros(rows, k, dtype=torch.bool, device=device).scatter_(1, chosen, True)
+        selected = selected.expand(batch_size, k)
+
+        gates = self._draw(self.probability_logits, batch_size, generator)
+        signs = torch.where(_uniform((batch_size, k), generator, device) < 0.5, -1.0, 1.0)
+        magnitudes = torch.zeros(batch_size, k, device=device)
+        if self.magnitude_ops:
+            if self.magnitude_sampling == "mean":
+                drawn = torch.sigmoid(self.magnitude_logits).expand(batch_size, -1)
+            else:
+                drawn = self._draw(self.magnitude_logits, batch_size, generator)
+            columns = torch.tensor([self.ops.index(n) for n in self.magnitude_ops], device=device)
+            signed = torch.tensor([get_op(n).signed for n in self.magnitude_ops], device=device)
+            drawn = torch.where(signed, drawn * signs[:, columns], drawn)
+            magnitudes = magnitudes.index_copy(1, columns, drawn)
+        positions = _uniform((batch_size, 2), generator, device)
+        return PolicySample(self.ops, selected, gates * selected, magnitudes, positions)
+
+    def _draw(self, logits: Tensor, batch_size: int, generator: torch.Generator | None) -> Tensor:
+        logits = logits.expand(batch_size, -1)
+        if self.training:
+            return relaxed_bernoulli(logits, self.temperature, generator)
+        return (_uniform(logits.shape, generator, logits.device) < torch.sigmoid(logits)).float()
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Applying
+
+    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Augment ``x`` with a fresh sample of the policy."""
+        check_images(x, self._input_name, self._input_range)
+        return self.apply(x, self.sample(1 if x.dim() == 3 else x.shape[0], generator))
+
+    def apply(self, x: Tensor, sample: PolicySample) -> Tensor:  # type: ignore[override]
+        """Replay ``sample`` on ``x`` (Eq. 5): x + sum over the drawn ops of gate * (f_E(x, m) - x), clipped."""
+        check_images(x, self._input_name, self._input_range)
+        unbatched = x.dim() == 3
+        images = x.unsqueeze(0) if unbatched else x
+        if sample.ops != self.ops or len(sample) != images.shape[0]:
+            raise DiffAugError(
+                f"sample must come from this augmenter's sample({images.shape[0]}) (ops {list(self.ops)}); "
+                f"got a sample of {len(sample)} images over ops {list(sample.ops)}"
+            )
+        sample = sample.to(images.device)
+        images = self._unnormalise(images)
+        residual = torch.zeros_like(images)
+        active = sample.selected & (sample.gates >= _NEGLIGIBLE_GATE)
+        for k, name in enumerate(self.ops):
+            index = active[:, k].nonzero().squeeze(1)
+            if index.numel() == 0:
+                continue
+            part = images.index_select(0, index)
+            gate = sample.gates[index, k].to(images.dtype).view(-1, 1, 1, 1)
+            changed = self._transform(name, part, sample.magnitudes[index, k], sample.positions[index])
+            residual.index_add_(0, index, gate * (changed - part))
+        out = self._normalise(clip01(images + residual))
+        return out.squeeze(0) if unbatched else out
+
+    def _transform(self, name: str, x: Tensor, magnitude: Tensor, position: Tensor) -> Tensor:
+        spec = get_op(name)
+        if not spec.has_magnitude:
+            return spec.reference(x, magnitude, position)
+        needs_encoder = self.forward_mode == "encoder" or (torch.is_grad_enabled() and magnitude.requires_grad)
+        encoded = self.encoders[name].transform(x, magnitude) if needs_encoder else None
+        if self.forward_mode == "encoder":
+            return encoded
+        exact = spec.reference(x, magnitude.detach(), position)
+        return exact if encoded is None else exact + (encoded - encoded.detach())
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Normalisation
+
+    def _set_normalisation(self, mean: Sequence[float] | None, std: Sequence[float] | None) -> None:
+        if (mean is None) != (std is None):
+            raise DiffAugError(f"mean and std must be given together; got mean={mean!r}, std={std!r}")
+        if mean is None:
+            self.register_buffer("mean", None)
+            self.register_buffer("std", None)
+            self._input_range = (0.0, 1.0)
+            self._input_name = "images"
+            return
+        mean_t = torch.as_tensor(mean, dtype=torch.float32).flatten()
+        std_t = torch.as_tensor(std, dtype=torch.float32).flatten()
+        if mean_t.numel() not in (1, 3) or mean_t.shape != std_t.shape or not bool((std_t > 0).all()):
+            raise DiffAugError(f"mean and std must be 1 or 3 numbers each, std > 0; got mean={mean!r}, std={std!r}")
+        self.register_buffer("mean", mean_t.view(1, -1, 1, 1))
+        self.register_buffer("std", std_t.view(1, -1, 1, 1))
+        # A loose bound: the exact check happens after un-normalising.
+        lo = float(((0 - mean_t) / std_t).min()) - 1e-3
+        hi = float(((1 - mean_t) / std_t).max()) + 1e-3
+        self._input_range = (lo, hi)
+        self._input_name = "images normalised with mean/std"
+
+    def _unnormalise(self, x: Tensor) -> Tensor:
+        if self.mean is None:
+            return x
+        images = x * self.std.to(x) + self.mean.to(x)
+        # Normalising and back costs a few ulps; anything further out was not normalised with these numbers.
+        check_images(images, name="images after un-normalising with mean/std", value_range=(-1e-4, 1 + 1e-4))
+        return images.clamp(0.0, 1.0)
+
+    def _normalise(self, x: Tensor) -> Tensor:
+        return x if self.mean is None else (x - self.mean.to(x)) / self.std.to(x)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Inspection
+
+    def policy(self) -> dict[str, dict[str, float]]:
+        """Current apply probability of every op and magnitude of every magnitude op, by op name."""
+        probabilities = torch.sigmoid(self.probability_logits.detach()).tolist()
+        magnitudes = dict(zip(self.magnitude_ops, torch.sigmoid(self.magnitude_logits.detach()).tolist()))
+        result: dict[str, dict[str, float]] = {}
+        for name, p in zip(self.ops, probabilities):
+            result[name] = {"probability": p} | ({"magnitude": magnitudes[name]} if name in magnitudes else {})
+        return result
+
+    def extra_repr(self) -> str:
+        return (
+            f"ops={len(self.ops)}, n_ops={self.n_ops}, temperature={self.temperature}, selection={self.selection!r}, "
+            f"magnitude_sampling={self.magnitude_sampling!r}, forward={self.forward_mode!r}"
+        )
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise DiffAugError(f"{name} must be one of {list(choices)}; got {value!r}")
+
+
+def _resolve_encoders(
+    priors: str | PathLike | Mapping[str, MetaEncoder] | None, arch: str, names: Sequence[str]
+) -> dict[str, MetaEncoder]:
+    from .encoders import build_encoder, freeze
+    from .priors import load_priors
+
+    if priors is None:
+        return {n: freeze(build_encoder(n, arch)) for n in names}
+    if isinstance(priors, Mapping):
+        encoders = {n: freeze(copy.deepcopy(e)) for n, e in priors.items() if n in names}
+    else:
+        encoders = load_priors(None if priors == "default" else priors, arch=arch)
+    missing = [n for n in names if n not in encoders]
+    if missing:
+        raise DiffAugError(
+            f"priors must hold an encoder for every magnitude op in use; {priors!r} is missing {missing} "
+            "(fit them with `diffaug fit-priors --ops ...`, or pass ops= without them)"
+        )
+    return {n: encoders[n] for n in names}

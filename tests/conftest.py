@@ -1,0 +1,34 @@
+"""Shared fixtures: real photos from the package, one thread per test process (the suite runs in parallel)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffaug.fit import shipped_images_dir
+
+torch.set_num_threads(1)
+
+
+def photo(name: str = "astronaut.png", size: tuple[int, int] | None = None) -> Image.Image:
+    image = Image.open(shipped_images_dir() / name).convert("RGB")
+    return image.resize(size, Image.BILINEAR) if size else image
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """(1, C, H, W) float in [0, 1] from a PIL image."""
+    array = np.array(image, dtype=np.uint8)
+    if array.ndim == 2:
+        array = array[..., None]
+    return torch.from_numpy(array).permute(2, 0, 1).float().div(255).unsqueeze(0)
+
+
+@pytest.fixture
+def images() -> torch.Tensor:
+    """Eight 32x32 crops of real photos, float in [0, 1]."""
+    from diffaug.fit import load_images, random_crops
+
+    fit, _ = load_images()
+    return random_crops(fit, 8, 32, torch.Generator().manual_seed(0))

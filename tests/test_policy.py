@@ -1,0 +1,332 @@
+"""PolicyAugmenter: sampling semantics, gradients to every logit, replay, modes, serialisation and errors."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffaug import OPS, DiffAugError, PolicyAugmenter, PolicySample
+from diffaug.ops import MAGNITUDE_OPS, apply_op, get_op
+
+
+def _grads_over_batches(aug: PolicyAugmenter, images: torch.Tensor, batches: int, loss_fn) -> dict[str, torch.Tensor]:
+    aug.zero_grad()
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(batches):
+        loss_fn(aug(images, generator=generator)).backward()
+    # An op subset without magnitude ops has an empty magnitude_logits, which gets no gradient at all.
+    return {name: p.grad.clone() for name, p in aug.named_parameters() if p.numel() > 0}
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_every_logit_of_a_single_op_gets_finite_nonzero_gradient(name: str, images: torch.Tensor) -> None:
+    aug = PolicyAugmenter(ops=[name], n_ops=1)
+    grads = _grads_over_batches(aug, images, batches=4, loss_fn=lambda y: y.mean())
+    expected = {"probability_logits", "magnitude_logits"} if get_op(name).has_magnitude else {"probability_logits"}
+    assert set(grads) == expected
+    for param, grad in grads.items():
+        assert torch.isfinite(grad).all(), (name, param)
+    assert float(grads["probability_logits"].abs().sum()) > 0, name
+    if get_op(name).has_magnitude:
+        assert float(grads["magnitude_logits"].abs().sum()) > 0, name
+
+
+@pytest.mark.parametrize("selection", ["sample", "batch"])
+def test_every_logit_gets_gradient_with_all_ops_mixed(images: torch.Tensor, selection: str) -> None:
+    aug = PolicyAugmenter(selection=selection)
+    target = torch.randint(0, 10, (len(images),), generator=torch.Generator().manual_seed(0))
+    head = torch.nn.Linear(3 * 32 * 32, 10)  # a realistic loss: cross-entropy of a classifier on x_hat
+
+    def loss_fn(y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(head(y.flatten(1)), target)
+
+    target = target.repeat(4)
+    # 16 batches: with one op set per batch, an op is left out of all of them with probability (10/14)^16.
+    grads = _grads_over_batches(aug, images.repeat(4, 1, 1, 1), batches=16, loss_fn=loss_fn)
+    for param, grad in grads.items():
+        assert torch.isfinite(grad).all()
+        zero = [aug.ops[i] if param == "probability_logits" else aug.magnitude_ops[i]
+                for i in (grad == 0).nonzero().flatten().tolist()]
+        assert not zero, f"{param} got no gradient for {zero}"
+
+
+@pytest.mark.parametrize("dark", [True, False])
+def test_gradient_step_moves_probability_the_right_way(images: torch.Tensor, dark: bool) -> None:
+    """Descending on mean(x_hat): on dark images Invert brightens, so p(Invert) must fall; on bright ones, rise."""
+    x = images * 0.4 if dark else 0.6 + images * 0.4
+    aug = PolicyAugmenter(ops=["Invert"], n_ops=1)
+    optimiser = torch.optim.SGD(aug.parameters(), lr=1.0)
+    before = aug.policy()["Invert"]["probability"]
+    for _ in range(5):
+        optimiser.zero_grad()
+        aug(x).mean().backward()
+        optimiser.step()
+    after = aug.policy()["Invert"]["probability"]
+    assert (after < before) == dark
+
+
+def test_magnitude_step_moves_the_right_way(images: torch.Tensor) -> None:
+    """Maximising the mean squared change from x under Brightness must raise its magnitude."""
+    aug = PolicyAugmenter(ops=["Brightness"], n_ops=1, probability=0.99, magnitude_sampling="mean")
+    optimiser = torch.optim.SGD(aug.parameters(), lr=0.5)
+    before = aug.policy()["Brightness"]["magnitude"]
+    for _ in range(5):
+        optimiser.zero_grad()
+        (-(aug(images) - images).pow(2).mean()).backward()
+        optimiser.step()
+    assert aug.policy()["Brightness"]["magnitude"] > before
+
+
+def test_encoders_are_frozen_and_not_parameters() -> None:
+    aug = PolicyAugmenter()
+    names = [n for n, _ in aug.named_parameters()]
+    assert names == ["probability_logits", "magnitude_logits"]
+    assert aug.probability_logits.shape == (14,) and aug.magnitude_logits.shape == (11,)
+    assert any(k.startswith("encoders.") for k in aug.state_dict())
+
+
+def test_policy_reports_probabilities_and_magnitudes() -> None:
+    aug = PolicyAugmenter(probability={"Rotate": 0.9}, magnitude=0.25)
+    policy = aug.policy()
+    assert list(policy) == list(OPS)
+    assert policy["Rotate"]["probability"] == pytest.approx(0.9)
+    assert policy["Color"] == pytest.approx({"probability": 0.5, "magnitude": 0.25})
+    for name in ("Equalize", "Invert", "Cutout"):
+        assert set(policy[name]) == {"probability"}
+
+
+def test_sample_draws_n_ops_per_image_without_replacement() -> None:
+    aug = PolicyAugmenter(n_ops=3, seed=0)
+    sample = aug.sample(64)
+    assert sample.selected.shape == (64, 14)
+    assert (sample.selected.sum(1) == 3).all()
+    assert len({tuple(r) for r in sample.selected.int().tolist()}) > 1  # per image, not per batch
+    assert (sample.gates[~sample.selected] == 0).all()
+
+
+def test_batch_selection_draws_one_set_for_all() -> None:
+    sample = PolicyAugmenter(selection="batch", seed=0).sample(16)
+    assert (sample.selected == sample.selected[0]).all()
+
+
+def test_signed_magnitudes_take_both_signs_and_unsigned_stay_positive() -> None:
+    aug = PolicyAugmenter(magnitude=0.9, seed=0).eval()
+    m = aug.sample(512).magnitudes
+    for k, name in enumerate(aug.ops):
+        spec = get_op(name)
+        if not spec.has_magnitude:
+            assert (m[:, k] == 0).all()
+        elif spec.signed:
+            assert (m[:, k] < 0).any() and (m[:, k] > 0).any()
+        else:
+            assert (m[:, k] >= 0).all()
+
+
+def test_relaxed_samples_in_train_mode_hard_in_eval() -> None:
+    aug = PolicyAugmenter(seed=0)
+    relaxed = aug.train().sample(256)
+    assert relaxed.gates.requires_grad
+    values = relaxed.gates[relaxed.selected]
+    assert ((values > 0) & (values < 1)).any()
+    hard = aug.eval().sample(256)
+    assert set(hard.gates.unique().tolist()) <= {0.0, 1.0}
+    assert set(hard.magnitudes.abs().unique().tolist()) <= {0.0, 1.0}
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.8])
+def test_eval_gates_apply_with_the_reported_probability(p: float) -> None:
+    """With logits (not the official code's p-as-logit), the apply rate equals sigmoid(theta_p)."""
+    aug = PolicyAugmenter(probability=p, seed=0).eval()
+    sample = aug.sample(4000)
+    rate = float(sample.gates[sample.selected].mean())
+    # 16,000 Bernoulli draws: the standard error is at most 0.004; 5 of them is 0.02.
+    assert rate == pytest.approx(p, abs=0.02)
+
+
+def test_train_mode_gate_mean_matches_probability() -> None:
+    aug = PolicyAugmenter(probability=0.3, seed=0)
+    with torch.no_grad():
+        sample = aug.sample(4000)
+    # A relaxed Bernoulli with logits theta has P(gate > 1/2) = sigmoid(theta) exactly.
+    assert float((sample.gates[sample.selected] > 0.5).float().mean()) == pytest.approx(0.3, abs=0.02)
+
+
+def test_same_sample_replays_identically(images: torch.Tensor) -> None:
+    aug = PolicyAugmenter(seed=0)
+    sample = aug.sample(len(images))
+    torch.testing.assert_close(aug.apply(images, sample), aug.apply(images, sample), atol=0, rtol=0)
+
+
+def test_seed_and_generator_make_draws_reproducible(images: torch.Tensor) -> None:
+    a, b = PolicyAugmenter(seed=7), PolicyAugmenter(seed=7)
+    assert torch.equal(a(images), b(images))
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert torch.equal(PolicyAugmenter()(images, generator=g1), PolicyAugmenter()(images, generator=g2))
+    assert not torch.equal(a(images), a(images))  # the generator advances
+
+
+def test_sample_slices_equal_per_image_application(images: torch.Tensor) -> None:
+    aug = PolicyAugmenter(seed=0)
+    sample = aug.sample(len(images))
+    batched = aug.apply(images, sample)
+    for i in range(len(images)):
+        # Float32 kernels (grid_sample, the image means) may group sums differently by batch size: a few ulps.
+        torch.testing.assert_close(aug.apply(images[i : i + 1], sample[i]), batched[i : i + 1], atol=1e-5, rtol=0)
+
+
+def test_probability_near_zero_is_the_identity(images: torch.Tensor) -> None:
+    aug = PolicyAugmenter(probability=1e-9, seed=0)
+    assert torch.equal(aug(images), images)
+    assert torch.equal(aug.eval()(images), images)
+
+
+def test_eval_mode_applies_reference_compatible_ops(images: torch.Tensor) -> None:
+    """In eval mode with p ~ 1 and one op, the output is that op's encoder at |m| = 1."""
+    aug = PolicyAugmenter(ops=["Invert"], n_ops=1, probability=1 - 1e-9).eval()
+    torch.testing.assert_close(aug(images), 1 - images)
+
+
+def test_forward_reference_outputs_exact_pixels_with_encoder_gradients(images: torch.Tensor) -> None:
+    ref = PolicyAugmenter(ops=["Rotate"], n_ops=1, forward="reference", seed=0)
+    enc = PolicyAugmenter(ops=["Rotate"], n_ops=1, forward="encoder", seed=0)
+    sample = ref.sample(len(images))
+    exact = apply_op("Rotate", images, sample.magnitudes[:, 0].detach())
+    gate = sample.gates[:, 0].detach().view(-1, 1, 1, 1)
+    out = ref.apply(images, sample)
+    torch.testing.assert_close(out, (images + gate * (exact - images)).clamp(0, 1), atol=1e-6, rtol=0)
+    # The gradient w.r.t. the magnitude is the encoder's: through the same sample it equals the encoder mode's up
+    # to where the fitted encoder and the exact op clip differently (the prior is ~69 dB from the op).
+    (g_reference,) = torch.autograd.grad(out.sum(), ref.magnitude_logits, retain_graph=True)
+    (g_encoder,) = torch.autograd.grad(enc.apply(images, sample).sum(), ref.magnitude_logits)
+    assert float(g_reference.abs().sum()) > 0
+    torch.testing.assert_close(g_reference, g_encoder, rtol=1e-2, atol=1e-4)
+
+
+def test_normalised_inputs_round_trip(images: torch.Tensor) -> None:
+    # Whole 8-bit levels: normalising and back moves values by ulps, which must not flip Posterize's rounding.
+    images = torch.round(images * 255) / 255
+    mean, std = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
+    m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+    plain = PolicyAugmenter(seed=0)
+    normed = PolicyAugmenter(seed=0, mean=mean, std=std)
+    sample = plain.sample(len(images))
+    expected = (plain.apply(images, sample) - m) / s
+    torch.testing.assert_close(normed.apply((images - m) / s, sample), expected, atol=1e-5, rtol=0)
+    with pytest.raises(DiffAugError, match=r"images normalised with mean/std must be a float tensor in \[-2.001"):
+        normed(images * 3)  # un-normalised input passed to a normalising augmenter
+
+
+def test_state_dict_pickle_and_deepcopy_round_trip(images: torch.Tensor) -> None:
+    aug = PolicyAugmenter(seed=0, probability={"Rotate": 0.8})
+    with torch.no_grad():
+        aug.magnitude_logits.add_(0.3)
+    sample = aug.sample(len(images))
+    expected = aug.apply(images, sample)
+    for clone in (copy.deepcopy(aug), pickle.loads(pickle.dumps(aug))):
+        torch.testing.assert_close(clone.apply(images, sample), expected, atol=0, rtol=0)
+        assert clone.policy() == aug.policy()
+    buffer = io.BytesIO()
+    torch.save(aug.state_dict(), buffer)
+    fresh = PolicyAugmenter()
+
+    def draw(module: PolicyAugmenter) -> torch.Tensor:
+        return module(images, generator=torch.Generator().manual_seed(5))
+
+    before = draw(fresh)
+    fresh.load_state_dict(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True))
+    assert fresh.policy() == aug.policy()
+    assert torch.equal(draw(fresh), draw(aug))
+    assert not torch.equal(before, draw(aug))  # loading changed behaviour
+
+
+def test_pickled_generator_continues_the_same_stream(images: torch.Tensor) -> None:
+    aug = PolicyAugmenter(seed=3)
+    aug(images)
+    clone = pickle.loads(pickle.dumps(aug))
+    assert torch.equal(aug(images), clone(images))
+
+
+def test_unbatched_and_gray_inputs(images: torch.Tensor) -> None:
+    aug = PolicyAugmenter(seed=0)
+    assert aug(images[0]).shape == images[0].shape
+    gray = images.mean(1, keepdim=True)
+    assert aug(gray).shape == gray.shape
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_other_float_dtypes(images: torch.Tensor, dtype: torch.dtype) -> None:
+    out = PolicyAugmenter(seed=0)(images.to(dtype))
+    assert out.dtype == dtype and out.shape == images.shape
+    assert torch.isfinite(out).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Errors
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"ops": ["Rotate", "Spin"]}, r"unknown op name\(s\) \['Spin'\]; expected names from"),
+        ({"ops": "Rotate"}, r"ops must be a sequence of op names"),
+        ({"ops": []}, r"at least one op"),
+        ({"ops": ["Rotate", "Rotate"]}, r"unique; got \['Rotate'\]"),
+        ({"n_ops": 15}, r"n_ops must be an int in \[1, 14\].*got 15"),
+        ({"ops": ["Rotate", "Color"], "n_ops": 3}, r"n_ops must be an int in \[1, 2\]"),
+        ({"n_ops": 0}, r"got 0"),
+        ({"probability": 1.0}, r"probability of Brightness must be a number strictly between 0 and 1; got 1.0"),
+        ({"magnitude": {"Equalize": 0.5}}, r"unknown magnitude op name\(s\) \['Equalize'\]"),
+        ({"temperature": 0}, r"temperature must be a positive number; got 0"),
+        ({"selection": "image"}, r"selection must be one of \['sample', 'batch'\]; got 'image'"),
+        ({"forward": "exact"}, r"forward must be one of \['encoder', 'reference'\]"),
+        ({"mean": (0.5, 0.5, 0.5)}, r"mean and std must be given together"),
+        ({"mean": (0.5, 0.5), "std": (0.2, 0.2)}, r"1 or 3 numbers each"),
+        ({"arch": "big"}, r"arch must be one of \['default', 'paper'\]; got 'big'"),
+    ],
+)
+def test_bad_arguments_raise(kwargs: dict, match: str) -> None:
+    with pytest.raises(DiffAugError, match=match):
+        PolicyAugmenter(**kwargs)
+
+
+def test_bad_images_raise_at_forward() -> None:
+    aug = PolicyAugmenter()
+    with pytest.raises(DiffAugError, match=r"got uint8 of shape \(2, 3, 8, 8\)"):
+        aug(torch.zeros(2, 3, 8, 8, dtype=torch.uint8))
+    with pytest.raises(DiffAugError, match=r"got values in \[-0.5"):
+        aug(torch.full((2, 3, 8, 8), -0.5))
+
+
+def test_sample_of_another_size_or_augmenter_is_refused(images: torch.Tensor) -> None:
+    aug = PolicyAugmenter()
+    with pytest.raises(DiffAugError, match=r"sample must come from this augmenter's sample\(8\).*got a sample of 4"):
+        aug.apply(images, aug.sample(4))
+    other = PolicyAugmenter(ops=["Rotate"], n_ops=1)
+    with pytest.raises(DiffAugError, match=r"over ops \['Rotate'\]"):
+        aug.apply(images, other.sample(len(images)))
+    with pytest.raises(DiffAugError, match=r"batch_size must be a positive int; got 0"):
+        aug.sample(0)
+
+
+def test_input_is_not_modified_in_place(images: torch.Tensor) -> None:
+    x = images.clone()
+    version = x._version
+    PolicyAugmenter(seed=0)(x)
+    assert x._version == version and torch.equal(x, images)
+
+
+def test_policy_sample_is_frozen() -> None:
+    sample = PolicyAugmenter().sample(2)
+    with pytest.raises(AttributeError):
+        sample.gates = torch.zeros(2, 14)  # type: ignore[misc]
+    assert isinstance(sample[0], PolicySample) and len(sample[0]) == 1
+
+
+def test_magnitude_ops_listed_in_table_order() -> None:
+    assert PolicyAugmenter(ops=["Rotate", "Invert", "Color"]).magnitude_ops == ("Color", "Rotate")
+    assert PolicyAugmenter().magnitude_ops == MAGNITUDE_OPS
