@@ -90,7 +90,7 @@ class BlendEncoder(MetaEncoder):
 
     def transform(self, x: Tensor, magnitude: Tensor) -> Tensor:
         a, b, c = (magnitude.unsqueeze(1) * self.coefficients(magnitude)).to(x.dtype).view(-1, 3, 1, 1, 1).unbind(1)
-        return clip01(x + a * x + b * self.degenerate(x) + c)
+        return clip01(torch.addcmul(torch.addcmul(c, x, 1 + a), self.degenerate(x), b))
 
 
 class StaircaseEncoder(MetaEncoder):
@@ -119,11 +119,12 @@ class StaircaseEncoder(MetaEncoder):
         surrogate = None if self.training else self.surrogate_width
         gates = _step(magnitude.to(centre.dtype).unsqueeze(1) - centre, width, surrogate).to(x.dtype)  # (B, bits)
         # Posterize to 8 - k bits subtracts bits 0..k-1 of the 8-bit level; gate k removes bit k - 1.
-        levels = torch.round(x.detach() * 255)
+        levels = torch.round(x.detach() * 255).to(torch.int32)
+        weights = gates * (2.0 ** torch.arange(self.bits, device=x.device, dtype=x.dtype) / 255)
         out = x
         for k in range(self.bits):
-            bit = torch.remainder(torch.floor(levels / 2**k), 2) * (2**k / 255)
-            out = out - gates[:, k].view(-1, 1, 1, 1) * bit
+            bit = torch.bitwise_and(torch.bitwise_right_shift(levels, k), 1).to(x.dtype)
+            out = torch.addcmul(out, bit, weights[:, k].view(-1, 1, 1, 1), value=-1)
         return clip01(out)  # as the reference: a value just above a level's midpoint could dip below 0
 
 

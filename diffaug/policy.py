@@ -16,11 +16,12 @@ from os import PathLike
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .encoders import MetaEncoder
 from .errors import DiffAugError, check_images, check_names
-from .ops import clip01, get_op, op_names
+from .ops import get_op, op_names
 
 __all__ = ["PolicyAugmenter", "PolicySample", "relaxed_bernoulli"]
 
@@ -205,11 +206,14 @@ class PolicyAugmenter(nn.Module):
     def forward(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Augment ``x`` with a fresh sample of the policy."""
         check_images(x, self._input_name, self._input_range)
-        return self.apply(x, self.sample(1 if x.dim() == 3 else x.shape[0], generator))
+        return self._apply(x, self.sample(1 if x.dim() == 3 else x.shape[0], generator))
 
     def apply(self, x: Tensor, sample: PolicySample) -> Tensor:  # type: ignore[override]
         """Replay ``sample`` on ``x`` (Eq. 5): x + sum over the drawn ops of gate * (f_E(x, m) - x), clipped."""
         check_images(x, self._input_name, self._input_range)
+        return self._apply(x, sample)
+
+    def _apply(self, x: Tensor, sample: PolicySample) -> Tensor:
         unbatched = x.dim() == 3
         images = x.unsqueeze(0) if unbatched else x
         if sample.ops != self.ops or len(sample) != images.shape[0]:
@@ -219,7 +223,7 @@ class PolicyAugmenter(nn.Module):
             )
         sample = sample.to(images.device)
         images = self._unnormalise(images)
-        residual = torch.zeros_like(images)
+        out = images.clone()  # accumulates x + sum of gated residuals in place: no full-batch temporaries
         active = sample.selected & (sample.gates >= _NEGLIGIBLE_GATE)
         for k, name in enumerate(self.ops):
             index = active[:, k].nonzero().squeeze(1)
@@ -228,8 +232,8 @@ class PolicyAugmenter(nn.Module):
             part = images.index_select(0, index)
             gate = sample.gates[index, k].to(images.dtype).view(-1, 1, 1, 1)
             changed = self._transform(name, part, sample.magnitudes[index, k], sample.positions[index])
-            residual.index_add_(0, index, gate * (changed - part))
-        out = self._normalise(clip01(images + residual))
+            out.index_add_(0, index, gate * (changed - part))
+        out = self._normalise(F.hardtanh_(out, 0.0, 1.0))  # clip01, in place
         return out.squeeze(0) if unbatched else out
 
     def _transform(self, name: str, x: Tensor, magnitude: Tensor, position: Tensor) -> Tensor:

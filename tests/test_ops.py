@@ -93,7 +93,7 @@ def test_magnitude_zero_is_exactly_identity(name: str, images: torch.Tensor) -> 
     out = apply_op(name, images, torch.zeros(len(images)))
     if get_op(name).kind == "affine":
         # grid_sample at the identity samples pixel centres computed in float32: off by a few ulps.
-        torch.testing.assert_close(out, images, atol=1e-6, rtol=0)
+        torch.testing.assert_close(out, images, atol=1e-5, rtol=0)
     else:
         assert torch.equal(out, images)
 

@@ -1,0 +1,113 @@
+"""Speed of PolicyAugmenter, side by side with its peers in one run, on one CPU thread.
+
+    python benchmarks/bench_speed.py            # both batch shapes
+    python benchmarks/bench_speed.py --quick    # fewer repeats
+
+Measured per batch (median of repeats, after warm-up), at equal batch size and n_ops = 4:
+
+* no-grad forward in eval mode (how plain training and Stage III use it) against kornia's RandAugment(n=2)
+  forward (not differentiable): the ratio kornia / ours should be >= 1;
+* train-mode forward + backward to the policy logits (Stage II), against the same module built with the paper's
+  encoders and per-batch op selection (``arch="paper", selection="batch"``: the paper's form, our code) and
+  against the authors' augmentation module as measured on this machine (76-85 ms per 128x3x32x32 batch on one
+  thread; their code has no licence and is not run here): the target is <= 20 ms, 4x faster;
+* the memory-bandwidth floor, ``x.clone()``: the fraction of it reached, clone time / our time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+
+from diffaug import PolicyAugmenter
+
+AUTHORS_MS_128x32 = (76.0, 85.0)
+
+
+def timed(candidates: dict[str, Callable[[], object]], repeats: int, warmup: int = 3) -> dict[str, float]:
+    """Median milliseconds of each candidate, run in turn round after round so that load on the (shared) machine
+    falls on all of them alike."""
+    for fn in candidates.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(repeats):
+        for name, fn in candidates.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+
+
+def bench(batch: int, size: int, repeats: int) -> dict[str, float]:
+    import kornia.augmentation.auto as auto
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(batch, 3, size, size, generator=generator)
+    ours = PolicyAugmenter(seed=0)
+    paper = PolicyAugmenter(seed=0, arch="paper", selection="batch")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        kornia_randaugment = auto.RandAugment(n=2, m=10)
+
+    def no_grad_forward(module: torch.nn.Module) -> Callable[[], object]:
+        def run() -> object:
+            with torch.no_grad():
+                return module(x)
+
+        return run
+
+    def train_step(module: PolicyAugmenter) -> Callable[[], object]:
+        def run() -> object:
+            module.zero_grad(set_to_none=True)
+            module(x).mean().backward()
+            return module.probability_logits.grad
+
+        return run
+
+    ours_eval, ours_train = ours, copy.deepcopy(ours)
+    ours_eval.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return timed(
+            {
+                "clone": x.clone,
+                "kornia RandAugment(n=2) fwd": no_grad_forward(kornia_randaugment),
+                "ours eval fwd (no grad)": no_grad_forward(ours_eval),
+                "ours train fwd+bwd": train_step(ours_train),
+                "paper form train fwd+bwd": train_step(paper),
+            },
+            repeats,
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer repeats")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    print(f"torch {torch.__version__}, 1 thread, median of repeats; times in ms per batch\n")
+    for batch, size, repeats in ((128, 32, 30), (32, 224, 10)):
+        r = bench(batch, size, max(5, repeats // 3) if args.quick else repeats)
+        ours_fwd, ours_step = r["ours eval fwd (no grad)"], r["ours train fwd+bwd"]
+        print(f"== {batch}x3x{size}x{size}")
+        for name, ms in r.items():
+            print(f"  {name:<30} {ms:8.2f}")
+        print(f"  ratio kornia RandAugment / ours (no-grad fwd, target >= 1.0): {r['kornia RandAugment(n=2) fwd'] / ours_fwd:6.2f}")
+        print(f"  ratio paper form / ours (fwd+bwd):                          {r['paper form train fwd+bwd'] / ours_step:6.2f}")
+        if (batch, size) == (128, 32):
+            lo, hi = AUTHORS_MS_128x32
+            print(f"  authors' module {lo:.0f}-{hi:.0f} ms (measured earlier on this machine) / ours (target >= 4): "
+                  f"{lo / ours_step:.1f}-{hi / ours_step:.1f}; target ours <= 20 ms: {'met' if ours_step <= 20 else 'NOT met'}")
+        print(f"  fraction of the bandwidth floor (clone / ours): fwd {r['clone'] / ours_fwd:.3f}, "
+              f"fwd+bwd {r['clone'] / ours_step:.3f}\n")
+
+
+if __name__ == "__main__":
+    main()
