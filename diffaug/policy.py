@@ -206,14 +206,14 @@ class PolicyAugmenter(nn.Module):
     def forward(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Augment ``x`` with a fresh sample of the policy."""
         check_images(x, self._input_name, self._input_range)
-        return self._apply(x, self.sample(1 if x.dim() == 3 else x.shape[0], generator))
+        return self._augment(x, self.sample(1 if x.dim() == 3 else x.shape[0], generator))
 
     def apply(self, x: Tensor, sample: PolicySample) -> Tensor:  # type: ignore[override]
         """Replay ``sample`` on ``x`` (Eq. 5): x + sum over the drawn ops of gate * (f_E(x, m) - x), clipped."""
         check_images(x, self._input_name, self._input_range)
-        return self._apply(x, sample)
+        return self._augment(x, sample)
 
-    def _apply(self, x: Tensor, sample: PolicySample) -> Tensor:
+    def _augment(self, x: Tensor, sample: PolicySample) -> Tensor:
         unbatched = x.dim() == 3
         images = x.unsqueeze(0) if unbatched else x
         if sample.ops != self.ops or len(sample) != images.shape[0]:

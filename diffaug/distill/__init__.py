@@ -1,0 +1,13 @@
+"""TST distillation: the search objective (Eq. 2), the KD loss (Eq. 1) and a reference training loop.
+
+>>> import torch
+>>> from diffaug.distill import kd_loss, tst_loss
+>>> logits, targets = torch.randn(4, 10), torch.tensor([0, 1, 2, 3])
+>>> float(tst_loss(logits, logits, targets)) > 0
+True
+"""
+
+from .loop import Distiller
+from .objective import kd_loss, log_one_minus_softmax, tst_loss
+
+__all__ = ["Distiller", "kd_loss", "log_one_minus_softmax", "tst_loss"]

@@ -1,0 +1,365 @@
+"""A reference TST training loop: Stage II (policy search) in a few whole passes, Stage III (KD) on every step.
+
+Runs on CPU and CUDA, in one process or under ``torchrun`` with DistributedDataParallel (gloo on CPU, nccl on
+GPU), with optional mixed precision and channels_last, and resumes exactly from a checkpoint.
+
+Defaults follow the authors' CIFAR-100 configuration (DESIGN.md, section 5): Stage III SGD nesterov lr 0.1,
+momentum 0.9, weight decay 1e-4, steps x0.1 at 150/180/210 of 240 epochs (scaled to the epochs you ask for);
+Stage II SGD lr 0.01 momentum 0.9 on the policy logits only, one pass at 1/8 and one at 3/8 of training
+(epochs 30 and 90 of 240), so n_encoder << n_student; alpha = beta = 1, KD temperature 4.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from ..errors import DiffAugError
+from ..policy import PolicyAugmenter
+from .objective import kd_loss, tst_loss, tst_terms
+
+__all__ = ["Distiller"]
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _write_atomic(path: Path, save: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        save(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _numpy_state() -> list[Any]:
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    return [kind, keys.tolist(), int(position), int(has_gauss), float(cached)]
+
+
+class Distiller:
+    """Distil ``teacher`` into ``student`` on augmentations searched by ``augmenter`` (TST).
+
+    Args:
+        teacher, student: classifiers mapping images to logits; the teacher is frozen throughout.
+        augmenter: the PolicyAugmenter whose probability and magnitude logits Stage II learns.
+        lr, momentum, weight_decay, nesterov: Stage III SGD.
+        milestones: epochs at which the Stage III learning rate is multiplied by ``gamma`` (default 150/180/210
+            of 240, scaled to the number of epochs given to ``fit``).
+        search_epochs: epochs at whose start Stage II runs (default 1/8 and 3/8 of the epochs).
+        search_steps: Stage II steps per search block (default: one whole pass over the data).
+        search_lr, search_momentum: Stage II SGD on the augmenter's logits.
+        alpha, beta: weights of Eq. 2; temperature, w_ce, w_kl: weights of Eq. 1.
+        device: where to train; amp: None, "bf16" or "fp16" (CUDA; fp16 uses a GradScaler); channels_last: use the
+            channels_last memory format for the models.
+        seed: seeds the data order, the policy draws (offset by rank) and the global RNGs.
+        progress: print a progress line per epoch to stderr (rank 0 only).
+
+    Example:
+        >>> distiller = Distiller(teacher, student, PolicyAugmenter())  # doctest: +SKIP
+        >>> history = distiller.fit(train_loader, epochs=240, val_loader=val_loader)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        student: nn.Module,
+        augmenter: PolicyAugmenter,
+        *,
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        weight_decay: float = 1e-4,
+        nesterov: bool = True,
+        milestones: Sequence[int] | None = None,
+        gamma: float = 0.1,
+        search_epochs: Sequence[int] | None = None,
+        search_steps: int | None = None,
+        search_lr: float = 0.01,
+        search_momentum: float = 0.9,
+        alpha: float = 1.0,
+        beta: float = 1.0,
+        temperature: float = 4.0,
+        w_ce: float = 1.0,
+        w_kl: float = 1.0,
+        device: str | torch.device = "cpu",
+        amp: Literal["bf16", "fp16"] | None = None,
+        channels_last: bool = False,
+        seed: int = 0,
+        progress: bool = True,
+    ) -> None:
+        if not isinstance(augmenter, PolicyAugmenter):
+            raise DiffAugError(f"augmenter must be a PolicyAugmenter; got {type(augmenter).__name__}")
+        if amp not in (None, "bf16", "fp16"):
+            raise DiffAugError(f"amp must be None, 'bf16' or 'fp16'; got {amp!r}")
+        self.device = torch.device(device)
+        if amp == "fp16" and self.device.type != "cuda":
+            raise DiffAugError(f"amp='fp16' needs a CUDA device; got device {str(self.device)!r} (use 'bf16' or None)")
+        self.rank, self.world = _rank(), _world()
+        self.seed = seed
+        memory_format = torch.channels_last if channels_last else torch.preserve_format
+        self.teacher = teacher.to(self.device, memory_format=memory_format).eval().requires_grad_(False)
+        self.student = student.to(self.device, memory_format=memory_format)
+        self.augmenter = augmenter.to(self.device)
+        self.trained_student: nn.Module = self.student
+        if self.world > 1:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.trained_student = nn.parallel.DistributedDataParallel(self.student, device_ids=device_ids)
+            # Start every rank from rank 0's policy, so the logits stay identical (Stage II averages gradients).
+            for p in self.augmenter.parameters():
+                dist.broadcast(p.data, src=0)
+        self.optimiser = torch.optim.SGD(
+            self.student.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov
+        )
+        self.search_optimiser = torch.optim.SGD(self.augmenter.parameters(), lr=search_lr, momentum=search_momentum)
+        self.milestones, self.gamma = milestones, gamma
+        self.search_epochs, self.search_steps = search_epochs, search_steps
+        self.alpha, self.beta = alpha, beta
+        self.temperature, self.w_ce, self.w_kl = temperature, w_ce, w_kl
+        self.amp = amp
+        self.memory_format = memory_format
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "fp16")
+        self.progress = progress and self.rank == 0
+        self.generator = torch.Generator().manual_seed(seed + 1000 * self.rank)  # policy draws differ per rank
+        torch.manual_seed(seed + self.rank)
+        self.epoch = 0
+        self.step = 0
+        self.history: dict[str, list[dict[str, Any]]] = {"search": [], "train": [], "epochs": []}
+
+    # ----------------------------------------------------------------------------------------------------------
+
+    def _autocast(self) -> Any:
+        if self.amp is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.amp == "bf16" else torch.float16)
+
+    def _batch(self, batch: Any) -> tuple[Tensor, Tensor]:
+        if not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
+            raise DiffAugError(f"train_loader must yield (images, targets) pairs; got {type(batch).__name__}")
+        x, y = batch[0].to(self.device, non_blocking=True), batch[1].to(self.device, non_blocking=True)
+        return x.contiguous(memory_format=self.memory_format), y
+
+    def _check_finite(self, loss: Tensor, stage: str) -> None:
+        if not torch.isfinite(loss):
+            raise DiffAugError(
+                f"the {stage} loss became {loss.item()} at epoch {self.epoch}, step {self.step}; training stopped "
+                "before anything was saved, so the last checkpoint is intact (lower the learning rate or use bf16)"
+            )
+
+    def search_step(self, x: Tensor, y: Tensor) -> dict[str, float]:
+        """One Stage II step: only the augmenter's logits move; teacher and student are frozen in eval mode."""
+        self.augmenter.train()
+        self.student.eval()
+        with self._autocast():
+            x_hat = self.augmenter(x, generator=self.generator)
+            teacher_logits, student_logits = self.teacher(x_hat), self.student(x_hat)
+            loss = tst_loss(teacher_logits, student_logits, y, self.alpha, self.beta)
+        self._check_finite(loss, "Stage II (search)")
+        params = list(self.augmenter.parameters())
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        for p, g in zip(params, grads):
+            p.grad = torch.zeros_like(p) if g is None else g.float()
+            if self.world > 1:  # identical logits on every rank: average the gradients before stepping
+                dist.all_reduce(p.grad)
+                p.grad /= self.world
+        self.search_optimiser.step()
+        self.search_optimiser.zero_grad(set_to_none=True)
+        teacher_ce, student_term = tst_terms(teacher_logits, student_logits, y)
+        return {"loss": loss.item(), "teacher_ce": teacher_ce.item(), "student_term": student_term.item()}
+
+    def train_step(self, x: Tensor, y: Tensor) -> dict[str, float]:
+        """One Stage III step: KD (Eq. 1) on cat([x_hat, x]), x_hat drawn from the policy without gradients."""
+        self.augmenter.eval()
+        self.student.train()
+        with torch.no_grad():
+            x_hat = self.augmenter(x, generator=self.generator)
+        inputs, targets = torch.cat([x_hat, x]), torch.cat([y, y])
+        with self._autocast():
+            with torch.no_grad():
+                teacher_logits = self.teacher(inputs)  # once per step, for x_hat and x together
+            student_logits = self.trained_student(inputs)
+            loss = kd_loss(student_logits, teacher_logits, targets, self.temperature, self.w_ce, self.w_kl)
+        self._check_finite(loss, "Stage III (KD)")
+        self.optimiser.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimiser)
+        self.scaler.update()
+        accuracy = (student_logits.detach().argmax(1) == targets).float().mean()
+        return {"loss": loss.item(), "accuracy": accuracy.item()}
+
+    @torch.no_grad()
+    def evaluate(self, loader: Iterable) -> float:
+        """Top-1 accuracy of the student on ``loader`` (summed over ranks)."""
+        self.student.eval()
+        correct = torch.zeros((), device=self.device)
+        total = torch.zeros((), device=self.device)
+        for batch in loader:
+            x, y = self._batch(batch)
+            with self._autocast():
+                correct += (self.student(x).argmax(1) == y).sum()
+            total += len(y)
+        if self.world > 1:
+            dist.all_reduce(correct)
+            dist.all_reduce(total)
+        return (correct / total.clamp(min=1)).item()
+
+    # ----------------------------------------------------------------------------------------------------------
+
+    def _schedule(self, epochs: int) -> tuple[list[int], list[int]]:
+        milestones = list(self.milestones) if self.milestones is not None else [
+            round(epochs * f) for f in (150 / 240, 180 / 240, 210 / 240)
+        ]
+        searches = list(self.search_epochs) if self.search_epochs is not None else sorted(
+            {min(epochs - 1, math.floor(epochs * f)) for f in (1 / 8, 3 / 8)}
+        )
+        return milestones, searches
+
+    def _lr_factor(self, epoch: int, milestones: list[int]) -> float:
+        return self.gamma ** sum(epoch >= m for m in milestones)
+
+    def _epoch_order(self, loader: Iterable, epoch: int) -> None:
+        """Make the data order a function of (seed, epoch), so that a resumed run sees the same batches."""
+        sampler = getattr(loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        generator = getattr(loader, "generator", None)
+        if isinstance(generator, torch.Generator):
+            generator.manual_seed(self.seed * 100003 + epoch)
+
+    def fit(self, train_loader: Iterable, epochs: int, val_loader: Iterable | None = None,
+            checkpoint: str | os.PathLike | None = None) -> dict[str, list[dict[str, Any]]]:
+        """Train from the current epoch up to ``epochs``; save ``checkpoint`` (atomically) after every epoch.
+
+        Returns the history: ``search`` (Stage II steps: losses and the policy), ``train`` (Stage III steps) and
+        ``epochs`` (the policy, mean losses and validation accuracy per epoch). Pass a shuffled DataLoader with a
+        ``generator`` (or a DistributedSampler) for an exactly resumable data order.
+        """
+        if not isinstance(epochs, int) or epochs < 1:
+            raise DiffAugError(f"epochs must be a positive int; got {epochs!r}")
+        milestones, searches = self._schedule(epochs)
+        base_lrs = [g.get("initial_lr", g["lr"]) for g in self.optimiser.param_groups]
+        for group, base in zip(self.optimiser.param_groups, base_lrs):
+            group["initial_lr"] = base
+        while self.epoch < epochs:
+            started = time.perf_counter()
+            epoch_record: dict[str, Any] = {"epoch": self.epoch}
+            for group in self.optimiser.param_groups:
+                group["lr"] = group["initial_lr"] * self._lr_factor(self.epoch, milestones)
+            if self.epoch in searches:
+                self._epoch_order(train_loader, 10**6 + self.epoch)
+                records = []
+                for i, batch in enumerate(train_loader):
+                    if self.search_steps is not None and i >= self.search_steps:
+                        break
+                    record = {"epoch": self.epoch, "step": self.step, **self.search_step(*self._batch(batch))}
+                    records.append({**record, "policy": self.augmenter.policy()})
+                self.history["search"] += records
+                epoch_record["search"] = {k: float(np.mean([r[k] for r in records]))
+                                          for k in ("teacher_ce", "student_term")} if records else {}
+            self._epoch_order(train_loader, self.epoch)
+            losses = []
+            for batch in train_loader:
+                record = {"epoch": self.epoch, "step": self.step, **self.train_step(*self._batch(batch))}
+                self.history["train"].append(record)
+                losses.append(record["loss"])
+                self.step += 1
+            epoch_record["train_loss"] = float(np.mean(losses)) if losses else float("nan")
+            epoch_record["lr"] = self.optimiser.param_groups[0]["lr"]
+            epoch_record["policy"] = self.augmenter.policy()
+            if val_loader is not None:
+                epoch_record["val_accuracy"] = self.evaluate(val_loader)
+            self.history["epochs"].append(epoch_record)
+            self.epoch += 1
+            if checkpoint is not None:
+                self.save(checkpoint)
+            if self.progress:
+                val = f" val acc {epoch_record['val_accuracy']:.4f}" if "val_accuracy" in epoch_record else ""
+                search = " (searched)" if "search" in epoch_record else ""
+                print(f"epoch {self.epoch}/{epochs}{search}: train loss {epoch_record['train_loss']:.4f}{val} "
+                      f"[{time.perf_counter() - started:.1f}s]", file=sys.stderr, flush=True)
+        return self.history
+
+    # ----------------------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "student": self.student.state_dict(),
+            "augmenter": self.augmenter.state_dict(),
+            "optimiser": self.optimiser.state_dict(),
+            "search_optimiser": self.search_optimiser.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "history": json.dumps(self.history),
+            "rng": {
+                "generator": self.generator.get_state(),
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "python": json.dumps(random.getstate()),
+                "numpy": json.dumps(_numpy_state()),
+            },
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.student.load_state_dict(state["student"])
+        self.augmenter.load_state_dict(state["augmenter"])
+        self.optimiser.load_state_dict(state["optimiser"])
+        self.search_optimiser.load_state_dict(state["search_optimiser"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.history = json.loads(state["history"])
+        rng = state["rng"]
+        self.generator.set_state(rng["generator"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        version, internal, *rest = json.loads(rng["python"])
+        random.setstate((version, tuple(internal), *rest))
+        kind, keys, position, has_gauss, cached = json.loads(rng["numpy"])
+        np.random.set_state((kind, np.array(keys, dtype=np.uint32), position, has_gauss, cached))
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write a checkpoint atomically (rank 0 only): an interruption leaves the previous one intact."""
+        if self.rank == 0:
+            state = self.state_dict()
+            _write_atomic(Path(path), lambda temporary: torch.save(state, temporary))
+        if self.world > 1:
+            dist.barrier()
+
+    def load(self, path: str | os.PathLike) -> None:
+        """Resume from a checkpoint written by ``save``."""
+        path = Path(path)
+        if not path.is_file():
+            raise DiffAugError(f"checkpoint must be a file written by Distiller.save; got {str(path)!r}, which is missing")
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=True)
+        except Exception as error:
+            raise DiffAugError(f"checkpoint {path} could not be read ({error}); is it a Distiller checkpoint?") from None
+        self.load_state_dict(state)
+
+    def save_history(self, path: str | os.PathLike) -> None:
+        """The history as JSON, written atomically."""
+        text = json.dumps(self.history)
+        _write_atomic(Path(path), lambda temporary: Path(temporary).write_text(text))

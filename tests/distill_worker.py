@@ -1,0 +1,60 @@
+"""Runs small Distiller jobs in a fresh process, for the resume and DDP tests (``python tests/distill_worker.py``)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from diffaug import PolicyAugmenter
+from diffaug.distill import Distiller
+from diffaug.distill.data import mnist5k, small_models
+
+
+def make(seed: int = 0) -> tuple[Distiller, DataLoader]:
+    torch.set_num_threads(1)
+    train, _ = mnist5k(train_size=120, seed=seed)
+    teacher, student = small_models(1, 10, seed=seed)
+    distiller = Distiller(teacher, student, PolicyAugmenter(), lr=0.05, search_epochs=[0, 1], search_steps=2,
+                          search_lr=0.5, seed=seed, progress=False)
+    if distiller.world > 1:
+        sampler = DistributedSampler(train, shuffle=True, seed=seed)
+        loader = DataLoader(train, batch_size=20, sampler=sampler)
+    else:
+        loader = DataLoader(train, batch_size=20, shuffle=True, generator=torch.Generator())
+    return distiller, loader
+
+
+def main() -> None:
+    mode, out = sys.argv[1], sys.argv[2]
+    if mode == "straight":  # 3 epochs in one go
+        distiller, loader = make()
+        distiller.fit(loader, 3)
+    elif mode == "first":  # 1 epoch, then a checkpoint
+        distiller, loader = make()
+        distiller.fit(loader, 1, checkpoint=os.path.join(out, "checkpoint.pt"))
+        return
+    elif mode == "resume":  # a fresh process: load, then 2 more epochs
+        distiller, loader = make()
+        distiller.load(os.path.join(out, "checkpoint.pt"))
+        distiller.fit(loader, 3)
+    elif mode == "ddp":
+        torch.distributed.init_process_group("gloo")
+        distiller, loader = make()
+        first_draw = distiller.augmenter.sample(4, generator=distiller.generator).selected
+        distiller.fit(loader, 2)
+        torch.save({"augmenter": distiller.augmenter.state_dict(), "first_draw": first_draw,
+                    "student": distiller.student.state_dict()},
+                   os.path.join(out, f"rank{distiller.rank}.pt"))
+        torch.distributed.destroy_process_group()
+        return
+    else:
+        raise SystemExit(f"unknown mode {mode}")
+    torch.save({"student": distiller.student.state_dict(), "augmenter": distiller.augmenter.state_dict(),
+                "history": distiller.history}, os.path.join(out, f"{mode}.pt"))
+
+
+if __name__ == "__main__":
+    main()
