@@ -10,7 +10,7 @@ torch.Size([4, 3, 32, 32])
 from .encoders import ARCHS, MetaEncoder, build_encoder
 from .errors import DiffAugError
 from .ops import MAGNITUDE_OPS, OPS, apply_op
-from .policy import PolicyAugmenter, PolicySample
+from .policy import PolicyAugmenter, PolicySample, ReferencePolicy
 from .priors import load_priors
 
 __version__ = "0.1.0"
@@ -23,6 +23,7 @@ __all__ = [
     "MetaEncoder",
     "PolicyAugmenter",
     "PolicySample",
+    "ReferencePolicy",
     "apply_op",
     "build_encoder",
     "load_priors",

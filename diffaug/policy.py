@@ -13,7 +13,8 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from os import PathLike
-from typing import Literal
+import json  # noqa: F401  (used by the doctest of to_dict)
+from typing import Any, Literal, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +24,9 @@ from .encoders import MetaEncoder
 from .errors import DiffAugError, check_images, check_names
 from .ops import get_op, op_names
 
-__all__ = ["PolicyAugmenter", "PolicySample", "relaxed_bernoulli"]
+__all__ = ["PolicyAugmenter", "PolicySample", "ReferencePolicy", "relaxed_bernoulli"]
+
+_EXPORT_FORMAT = 1
 
 # Gates below this contribute less than a millionth of their op's residual (and of its gradient); skipping them
 # saves about a third of the encoder work at p = 0.5 in train mode.
@@ -90,57 +93,30 @@ def _initial_logits(value: float | Mapping[str, float], names: Sequence[str], wh
     return torch.tensor([_logit(v, f"{what} of {n}") for v, n in zip(values, names)], dtype=torch.float32)
 
 
-class PolicyAugmenter(nn.Module):
-    """Differentiable AutoAugment policy: one learnable probability per op and one magnitude per magnitude op.
+_PolicyT = TypeVar("_PolicyT", bound="_Policy")
 
-    Args:
-        ops: op names to use (default: all 14 of ``diffaug.OPS``, kept in table order).
-        n_ops: ops drawn per image without replacement (N_A of the paper; default 4, or all ops if fewer).
-        probability: initial apply probability, one float or a dict by op name (others 0.5).
-        magnitude: initial magnitude in (0, 1), one float or a dict by op name (others 0.5).
-        temperature: relaxed-Bernoulli temperature (tau_l = 0.05 in the paper).
-        selection: "sample" draws the ops per image; "batch" draws one set for the whole batch (the paper).
-        magnitude_sampling: "relaxed" samples magnitudes like gates (Eq. 4); "mean" uses sigmoid(logit) as is.
-        forward: "encoder" outputs the meta-encoders' pixels (the paper); "reference" outputs the exact reference
-            ops while gradients flow through the encoders (straight-through).
-        priors: "default" (the shipped fitted priors), a priors folder, a dict of encoders by op name, or None
-            for freshly initialised, unfitted encoders.
-        arch: encoder architecture, "default" or "paper", when priors is "default", a folder or None.
-        mean, std: per-channel normalisation of the inputs; images are un-normalised before augmenting.
-        seed: seeds the augmenter's own generator, so every draw is reproducible.
 
-    Shape:
-        input: (B, C, H, W) or (C, H, W) float, C in {1, 3}, values in [0, 1] (or normalised with mean/std).
-        output: same as input.
+class _Policy(nn.Module):
+    """What PolicyAugmenter and ReferencePolicy share: the logits, sampling, replay (Eq. 5), normalisation,
+    inspection and JSON export. Subclasses say how one op transforms a batch (``_transform``)."""
 
-    Example:
-        >>> aug = PolicyAugmenter(seed=0)
-        >>> x = torch.rand(8, 3, 32, 32)
-        >>> aug(x).shape
-        torch.Size([8, 3, 32, 32])
-        >>> s = aug.sample(8); torch.equal(aug.apply(x, s), aug.apply(x, s))
-        True
-    """
-
-    probability_logits: nn.Parameter
-    magnitude_logits: nn.Parameter
+    probability_logits: Tensor
+    magnitude_logits: Tensor
 
     def __init__(
         self,
-        ops: Sequence[str] | None = None,
+        ops: Sequence[str] | None,
         *,
-        n_ops: int | None = None,
-        probability: float | Mapping[str, float] = 0.5,
-        magnitude: float | Mapping[str, float] = 0.5,
-        temperature: float = 0.05,
-        selection: Literal["sample", "batch"] = "sample",
-        magnitude_sampling: Literal["relaxed", "mean"] = "relaxed",
-        forward: Literal["encoder", "reference"] = "encoder",
-        priors: str | PathLike | Mapping[str, MetaEncoder] | None = "default",
-        arch: str = "default",
-        mean: Sequence[float] | None = None,
-        std: Sequence[float] | None = None,
-        seed: int | None = None,
+        n_ops: int | None,
+        probability: float | Mapping[str, float],
+        magnitude: float | Mapping[str, float],
+        temperature: float,
+        selection: str,
+        magnitude_sampling: str,
+        mean: Sequence[float] | None,
+        std: Sequence[float] | None,
+        seed: int | None,
+        learnable: bool,
     ) -> None:
         super().__init__()
         self.ops = op_names(ops)
@@ -152,23 +128,36 @@ class PolicyAugmenter(nn.Module):
             raise DiffAugError(f"temperature must be a positive number; got {temperature!r}")
         _check_choice("selection", selection, ("sample", "batch"))
         _check_choice("magnitude_sampling", magnitude_sampling, ("relaxed", "mean"))
-        _check_choice("forward", forward, ("encoder", "reference"))
         self.n_ops = n_ops
         self.temperature = float(temperature)
         self.selection = selection
         self.magnitude_sampling = magnitude_sampling
-        self.forward_mode = forward
-        self.probability_logits = nn.Parameter(_initial_logits(probability, self.ops, "probability"))
-        self.magnitude_logits = nn.Parameter(_initial_logits(magnitude, self.magnitude_ops, "magnitude"))
-        self.encoders = nn.ModuleDict(_resolve_encoders(priors, arch, self.magnitude_ops))
+        logits = {
+            "probability_logits": _initial_logits(probability, self.ops, "probability"),
+            "magnitude_logits": _initial_logits(magnitude, self.magnitude_ops, "magnitude"),
+        }
+        for name, value in logits.items():
+            if learnable:
+                self.register_parameter(name, nn.Parameter(value))
+            else:
+                self.register_buffer(name, value)
+        columns = [self.ops.index(n) for n in self.magnitude_ops]
+        self.register_buffer("_magnitude_columns", torch.tensor(columns, dtype=torch.long), persistent=False)
+        signed = [get_op(n).signed for n in self.magnitude_ops]
+        self.register_buffer("_signed", torch.tensor(signed, dtype=torch.bool), persistent=False)
         self._set_normalisation(mean, std)
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
+
+    @property
+    def relaxed(self) -> bool:
+        """Whether ``sample`` draws relaxed (differentiable) gates and magnitudes rather than hard ones."""
+        return self.training
 
     # ----------------------------------------------------------------------------------------------------------
     # Sampling
 
     def sample(self, batch_size: int, generator: torch.Generator | None = None) -> PolicySample:
-        """Draw which ops each image gets, their gates and signed magnitudes (relaxed in train mode)."""
+        """Draw which ops each image gets, their gates and signed magnitudes (relaxed if ``self.relaxed``)."""
         if not isinstance(batch_size, int) or batch_size < 1:
             raise DiffAugError(f"batch_size must be a positive int; got {batch_size!r}")
         generator = generator if generator is not None else self.generator
@@ -187,16 +176,15 @@ class PolicyAugmenter(nn.Module):
                 drawn = torch.sigmoid(self.magnitude_logits).expand(batch_size, -1)
             else:
                 drawn = self._draw(self.magnitude_logits, batch_size, generator)
-            columns = torch.tensor([self.ops.index(n) for n in self.magnitude_ops], device=device)
-            signed = torch.tensor([get_op(n).signed for n in self.magnitude_ops], device=device)
-            drawn = torch.where(signed, drawn * signs[:, columns], drawn)
+            columns = self._magnitude_columns
+            drawn = torch.where(self._signed, drawn * signs[:, columns], drawn)
             magnitudes = magnitudes.index_copy(1, columns, drawn)
         positions = _uniform((batch_size, 2), generator, device)
         return PolicySample(self.ops, selected, gates * selected, magnitudes, positions)
 
     def _draw(self, logits: Tensor, batch_size: int, generator: torch.Generator | None) -> Tensor:
         logits = logits.expand(batch_size, -1)
-        if self.training:
+        if self.relaxed:
             return relaxed_bernoulli(logits, self.temperature, generator)
         return (_uniform(logits.shape, generator, logits.device) < torch.sigmoid(logits)).float()
 
@@ -209,7 +197,7 @@ class PolicyAugmenter(nn.Module):
         return self._augment(x, self.sample(1 if x.dim() == 3 else x.shape[0], generator))
 
     def apply(self, x: Tensor, sample: PolicySample) -> Tensor:  # type: ignore[override]
-        """Replay ``sample`` on ``x`` (Eq. 5): x + sum over the drawn ops of gate * (f_E(x, m) - x), clipped."""
+        """Replay ``sample`` on ``x`` (Eq. 5): x + sum over the drawn ops of gate * (f(x, m) - x), clipped."""
         check_images(x, self._input_name, self._input_range)
         return self._augment(x, sample)
 
@@ -237,15 +225,7 @@ class PolicyAugmenter(nn.Module):
         return out.squeeze(0) if unbatched else out
 
     def _transform(self, name: str, x: Tensor, magnitude: Tensor, position: Tensor) -> Tensor:
-        spec = get_op(name)
-        if not spec.has_magnitude:
-            return spec.reference(x, magnitude, position)
-        needs_encoder = self.forward_mode == "encoder" or (torch.is_grad_enabled() and magnitude.requires_grad)
-        encoded = self.encoders[name].transform(x, magnitude) if needs_encoder else None
-        if self.forward_mode == "encoder":
-            return encoded
-        exact = spec.reference(x, magnitude.detach(), position)
-        return exact if encoded is None else exact + (encoded - encoded.detach())
+        raise NotImplementedError  # pragma: no cover
 
     # ----------------------------------------------------------------------------------------------------------
     # Normalisation
@@ -294,11 +274,178 @@ class PolicyAugmenter(nn.Module):
             result[name] = {"probability": p} | ({"magnitude": magnitudes[name]} if name in magnitudes else {})
         return result
 
+    def settings(self) -> dict[str, Any]:
+        """The constructor arguments that shape sampling, as plain JSON values."""
+        return {
+            "ops": list(self.ops),
+            "n_ops": self.n_ops,
+            "temperature": self.temperature,
+            "selection": self.selection,
+            "magnitude_sampling": self.magnitude_sampling,
+            "mean": None if self.mean is None else self.mean.flatten().tolist(),
+            "std": None if self.std is None else self.std.flatten().tolist(),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """The policy as plain JSON: op names, probabilities, magnitudes, settings, and the exact logits.
+
+        Example:
+            >>> aug = PolicyAugmenter()
+            >>> PolicyAugmenter.from_dict(json.loads(json.dumps(aug.to_dict()))).policy() == aug.policy()
+            True
+        """
+        policy = self.policy()
+        return {
+            "format": _EXPORT_FORMAT,
+            **self.settings(),
+            "probability": {n: v["probability"] for n, v in policy.items()},
+            "magnitude": {n: v["magnitude"] for n, v in policy.items() if "magnitude" in v},
+            # float32 -> Python float -> JSON and back is exact, so samples replay bit for bit.
+            "probability_logits": self.probability_logits.detach().cpu().tolist(),
+            "magnitude_logits": self.magnitude_logits.detach().cpu().tolist(),
+        }
+
+    @classmethod
+    def from_dict(cls: type[_PolicyT], data: Mapping[str, Any], **kwargs: Any) -> _PolicyT:
+        """Rebuild from ``to_dict()`` output; ``kwargs`` go to the constructor (e.g. ``priors=``, ``seed=``)."""
+        if not isinstance(data, Mapping) or data.get("format") != _EXPORT_FORMAT:
+            got = data.get("format") if isinstance(data, Mapping) else type(data).__name__
+            raise DiffAugError(f"policy dict must come from to_dict() (format {_EXPORT_FORMAT}); got format {got!r}")
+        keys = ("ops", "n_ops", "temperature", "selection", "magnitude_sampling", "mean", "std")
+        extra = {k: data[k] for k in ("forward",) if k in data and cls is PolicyAugmenter}
+        policy = cls(**{k: data[k] for k in keys}, **extra, **kwargs)
+        with torch.no_grad():
+            for name in ("probability_logits", "magnitude_logits"):
+                target = getattr(policy, name)
+                value = torch.tensor(data[name], dtype=target.dtype)
+                if value.shape != target.shape:
+                    raise DiffAugError(f"policy dict {name} must have {target.numel()} values; got {value.numel()}")
+                target.copy_(value)
+        return policy
+
     def extra_repr(self) -> str:
-        return (
-            f"ops={len(self.ops)}, n_ops={self.n_ops}, temperature={self.temperature}, selection={self.selection!r}, "
-            f"magnitude_sampling={self.magnitude_sampling!r}, forward={self.forward_mode!r}"
+        return ", ".join(f"{k}={v!r}" for k, v in self.settings().items() if k not in ("ops", "mean", "std"))
+
+
+class PolicyAugmenter(_Policy):
+    """Differentiable AutoAugment policy: one learnable probability per op and one magnitude per magnitude op.
+
+    Args:
+        ops: op names to use (default: all 14 of ``diffaug.OPS``, kept in table order).
+        n_ops: ops drawn per image without replacement (N_A of the paper; default 4, or all ops if fewer).
+        probability: initial apply probability, one float or a dict by op name (others 0.5).
+        magnitude: initial magnitude in (0, 1), one float or a dict by op name (others 0.5).
+        temperature: relaxed-Bernoulli temperature (tau_l = 0.05 in the paper).
+        selection: "sample" draws the ops per image; "batch" draws one set for the whole batch (the paper).
+        magnitude_sampling: "relaxed" samples magnitudes like gates (Eq. 4); "mean" uses sigmoid(logit) as is.
+        forward: "encoder" outputs the meta-encoders' pixels (the paper); "reference" outputs the exact reference
+            ops while gradients flow through the encoders (straight-through).
+        priors: "default" (the shipped fitted priors), a priors folder, a dict of encoders by op name, or None
+            for freshly initialised, unfitted encoders.
+        arch: encoder architecture, "default" or "paper", when priors is "default", a folder or None.
+        mean, std: per-channel normalisation of the inputs; images are un-normalised before augmenting.
+        seed: seeds the augmenter's own generator, so every draw is reproducible.
+
+    In ``train()`` mode gates and magnitudes are relaxed-Bernoulli samples that carry gradients to the logits;
+    in ``eval()`` mode they are hard samples of the same distribution.
+
+    Shape:
+        input: (B, C, H, W) or (C, H, W) float, C in {1, 3}, values in [0, 1] (or normalised with mean/std).
+        output: same as input.
+
+    Example:
+        >>> aug = PolicyAugmenter(seed=0)
+        >>> x = torch.rand(8, 3, 32, 32)
+        >>> aug(x).shape
+        torch.Size([8, 3, 32, 32])
+        >>> s = aug.sample(8); torch.equal(aug.apply(x, s), aug.apply(x, s))
+        True
+    """
+
+    def __init__(
+        self,
+        ops: Sequence[str] | None = None,
+        *,
+        n_ops: int | None = None,
+        probability: float | Mapping[str, float] = 0.5,
+        magnitude: float | Mapping[str, float] = 0.5,
+        temperature: float = 0.05,
+        selection: Literal["sample", "batch"] = "sample",
+        magnitude_sampling: Literal["relaxed", "mean"] = "relaxed",
+        forward: Literal["encoder", "reference"] = "encoder",
+        priors: str | PathLike | Mapping[str, MetaEncoder] | None = "default",
+        arch: str = "default",
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__(
+            ops, n_ops=n_ops, probability=probability, magnitude=magnitude, temperature=temperature,
+            selection=selection, magnitude_sampling=magnitude_sampling, mean=mean, std=std, seed=seed, learnable=True,
         )
+        _check_choice("forward", forward, ("encoder", "reference"))
+        self.forward_mode = forward
+        self.encoders = nn.ModuleDict(_resolve_encoders(priors, arch, self.magnitude_ops))
+
+    def _transform(self, name: str, x: Tensor, magnitude: Tensor, position: Tensor) -> Tensor:
+        spec = get_op(name)
+        if not spec.has_magnitude:
+            return spec.reference(x, magnitude, position)
+        needs_encoder = self.forward_mode == "encoder" or (torch.is_grad_enabled() and magnitude.requires_grad)
+        encoded = self.encoders[name].transform(x, magnitude) if needs_encoder else None
+        if self.forward_mode == "encoder":
+            return encoded
+        exact = spec.reference(x, magnitude.detach(), position)
+        return exact if encoded is None else exact + (encoded - encoded.detach())
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "forward": self.forward_mode}
+
+    def to_reference(self) -> ReferencePolicy:
+        """The learned policy on the exact reference ops, without encoders or gradients: cheap augmentation for
+        training after the search. It draws hard samples (as ``eval()`` mode here) whatever its mode."""
+        data = self.to_dict()
+        data.pop("forward")
+        return ReferencePolicy.from_dict(data)
+
+
+class ReferencePolicy(_Policy):
+    """A fixed policy applied with the exact reference ops (``diffaug.apply_op``): no encoders, no gradients.
+
+    Build it with ``PolicyAugmenter.to_reference()`` or ``ReferencePolicy.from_dict(json)``; the arguments are
+    those of ``PolicyAugmenter`` without the encoder ones. Gates and magnitudes are always hard samples.
+
+    Example:
+        >>> ref = PolicyAugmenter(probability={"Rotate": 0.9}).to_reference()
+        >>> ref(torch.rand(4, 3, 32, 32)).shape
+        torch.Size([4, 3, 32, 32])
+    """
+
+    def __init__(
+        self,
+        ops: Sequence[str] | None = None,
+        *,
+        n_ops: int | None = None,
+        probability: float | Mapping[str, float] = 0.5,
+        magnitude: float | Mapping[str, float] = 0.5,
+        temperature: float = 0.05,
+        selection: Literal["sample", "batch"] = "sample",
+        magnitude_sampling: Literal["relaxed", "mean"] = "relaxed",
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__(
+            ops, n_ops=n_ops, probability=probability, magnitude=magnitude, temperature=temperature,
+            selection=selection, magnitude_sampling=magnitude_sampling, mean=mean, std=std, seed=seed, learnable=False,
+        )
+
+    @property
+    def relaxed(self) -> bool:
+        return False
+
+    def _transform(self, name: str, x: Tensor, magnitude: Tensor, position: Tensor) -> Tensor:
+        return get_op(name).reference(x, magnitude, position)
 
 
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:

@@ -330,3 +330,63 @@ def test_policy_sample_is_frozen() -> None:
 def test_magnitude_ops_listed_in_table_order() -> None:
     assert PolicyAugmenter(ops=["Rotate", "Invert", "Color"]).magnitude_ops == ("Color", "Rotate")
     assert PolicyAugmenter().magnitude_ops == MAGNITUDE_OPS
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Export
+
+
+def test_to_dict_is_plain_json_and_round_trips_samples(images: torch.Tensor) -> None:
+    import json
+
+    aug = PolicyAugmenter(ops=["Rotate", "Color", "Invert", "Cutout"], n_ops=2, probability={"Rotate": 0.8},
+                          magnitude=0.3, selection="batch", mean=(0.5,), std=(0.25,))
+    with torch.no_grad():
+        aug.probability_logits.add_(torch.tensor([0.123, -0.4, 0.05, 0.7]))
+    data = json.loads(json.dumps(aug.to_dict()))
+    assert data["probability"]["Rotate"] == pytest.approx(aug.policy()["Rotate"]["probability"])
+    assert "Invert" not in data["magnitude"] and data["n_ops"] == 2 and data["selection"] == "batch"
+    clone = PolicyAugmenter.from_dict(data)
+    assert clone.policy() == aug.policy()
+    for mode in ("train", "eval"):
+        getattr(aug, mode)(), getattr(clone, mode)()
+        a = aug.sample(len(images), generator=torch.Generator().manual_seed(4))
+        b = clone.sample(len(images), generator=torch.Generator().manual_seed(4))
+        assert torch.equal(a.gates, b.gates) and torch.equal(a.magnitudes, b.magnitudes)
+        x = (images - 0.5) / 0.25
+        assert torch.equal(aug.apply(x, a), clone.apply(x, b))
+
+
+def test_from_dict_rejects_foreign_data() -> None:
+    with pytest.raises(DiffAugError, match=r"must come from to_dict\(\) \(format 1\); got format None"):
+        PolicyAugmenter.from_dict({"ops": ["Rotate"]})
+    data = PolicyAugmenter().to_dict()
+    data["probability_logits"] = [0.0]
+    with pytest.raises(DiffAugError, match=r"probability_logits must have 14 values; got 1"):
+        PolicyAugmenter.from_dict(data)
+
+
+def test_reference_policy_applies_the_learned_probabilities() -> None:
+    """Over many draws each op is applied with its learned probability (a binomial test per op)."""
+    from diffaug import ReferencePolicy
+
+    probabilities = {"Rotate": 0.9, "Invert": 0.1, "Color": 0.5, "Cutout": 0.3}
+    aug = PolicyAugmenter(ops=list(probabilities), n_ops=4, probability=probabilities, magnitude=0.7)
+    reference = aug.to_reference()
+    assert isinstance(reference, ReferencePolicy) and list(reference.parameters()) == []
+    assert not hasattr(reference, "encoders")
+    sample = reference.train().sample(5000, generator=torch.Generator().manual_seed(0))
+    for k, name in enumerate(reference.ops):
+        rate = float(sample.gates[:, k].mean())
+        # 5,000 Bernoulli draws: standard error <= 0.007; allow 4 of them.
+        assert rate == pytest.approx(probabilities[name], abs=0.03), name
+        assert set(sample.gates[:, k].unique().tolist()) <= {0.0, 1.0}  # hard even in train mode
+    m = sample.magnitudes[:, reference.ops.index("Rotate")].abs()
+    assert float(m.mean()) == pytest.approx(0.7, abs=0.03)
+
+
+def test_reference_policy_outputs_exact_ops(images: torch.Tensor) -> None:
+    reference = PolicyAugmenter(ops=["Solarize"], n_ops=1, probability=1 - 1e-9, magnitude=1 - 1e-9).to_reference()
+    with torch.no_grad():
+        out = reference(images)
+    torch.testing.assert_close(out, apply_op("Solarize", images, torch.ones(len(images))), atol=0, rtol=0)

@@ -78,9 +78,10 @@ class Distiller:
         seed: seeds the data order, the policy draws (offset by rank) and the global RNGs.
         progress: print a progress line per epoch to stderr (rank 0 only).
 
-    Example:
-        >>> distiller = Distiller(teacher, student, PolicyAugmenter())  # doctest: +SKIP
-        >>> history = distiller.fit(train_loader, epochs=240, val_loader=val_loader)  # doctest: +SKIP
+    Example (``python -m diffaug.distill`` runs this on MNIST)::
+
+        distiller = Distiller(teacher, student, PolicyAugmenter())
+        history = distiller.fit(train_loader, epochs=240, val_loader=val_loader, checkpoint="run/checkpoint.pt")
     """
 
     def __init__(

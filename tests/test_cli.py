@@ -1,0 +1,92 @@
+"""The console script: demo, fit-priors (deterministic, atomic, refusing to clobber the shipped priors)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from diffaug import DiffAugError, load_priors
+from diffaug.cli import main
+from diffaug.fit import FitSettings, fit_priors
+from diffaug.priors import read_manifest, shipped_priors_dir
+
+QUICK = ["--steps", "20", "--refine-iterations", "3", "--batch-size", "8"]
+
+
+def test_demo_writes_a_picture(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "demo.png"
+    assert main(["demo", "--out", str(out), "--count", "3", "--rows", "2", "--size", "24"]) == 0
+    with Image.open(out) as image:
+        assert image.size == (3 * 24, 3 * 24)
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_fit_priors_writes_a_loadable_folder_and_a_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "priors"
+    assert main(["fit-priors", "--ops", "Rotate", "Color", "--out", str(out), *QUICK]) == 0
+    report = capsys.readouterr().out
+    assert "PSNR 32px" in report and "Rotate" in report and "Color" in report
+    assert sorted(load_priors(out)) == ["Color", "Rotate"]
+    manifest = read_manifest(out)
+    assert manifest["fit"]["steps"] == 20 and isinstance(manifest["ops"]["Rotate"]["fidelity"]["32px"]["psnr"], float)
+
+
+def test_same_seed_same_weights(tmp_path: Path) -> None:
+    settings = FitSettings(steps=15, refine_iterations=3, batch_size=8)
+    a, _ = fit_priors(["Solarize"], settings=settings, out=tmp_path / "a", stream=None)
+    b, _ = fit_priors(["Solarize"], settings=settings, out=tmp_path / "b", stream=None)
+    c, _ = fit_priors(["Solarize"], settings=FitSettings(steps=15, refine_iterations=3, batch_size=8, seed=1),
+                      out=tmp_path / "c", stream=None)
+    digest = lambda folder: read_manifest(folder)["ops"]["Solarize"]["sha256"]  # noqa: E731
+    assert digest(a) == digest(b) != digest(c)
+
+
+def test_fit_priors_refuses_the_shipped_folder(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["fit-priors", "--ops", "Rotate", "--out", str(shipped_priors_dir()), *QUICK]) == 2
+    assert "--overwrite-shipped" in capsys.readouterr().err
+    with pytest.raises(DiffAugError, match=r"must not be the priors shipped"):
+        fit_priors(["Rotate"], out=shipped_priors_dir("paper"), stream=None)
+
+
+def test_fit_priors_rejects_unknown_ops(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["fit-priors", "--ops", "Equalize"])
+    assert "invalid choice: 'Equalize'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_interrupted_fit_leaves_the_previous_priors(tmp_path: Path) -> None:
+    """Ctrl-C part-way through a fit: the folder still holds the previous, complete priors."""
+    out = tmp_path / "priors"
+    fit_priors(["Rotate"], settings=FitSettings(steps=10, refine_iterations=2, batch_size=8), out=out, stream=None)
+    before = read_manifest(out)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "diffaug", "fit-priors", "--ops", "Rotate", "Color", "Contrast", "--out", str(out),
+         "--steps", "400"],
+        stderr=subprocess.PIPE, env=env, text=True,
+    )
+    # Wait until fitting is under way (the progress bar of the second op), then interrupt.
+    seen = ""
+    while "Color" not in seen:
+        chunk = process.stderr.read(64)
+        assert chunk, f"fit-priors ended early: {seen}"
+        seen += chunk
+    process.send_signal(signal.SIGINT)
+    _, rest = process.communicate(timeout=60)
+    assert process.returncode == 130, seen + rest
+    assert "interrupted; nothing was written" in rest
+    assert read_manifest(out) == before
+    assert sorted(load_priors(out)) == ["Rotate"]
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_python_dash_m_entry_point() -> None:
+    result = subprocess.run([sys.executable, "-m", "diffaug", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "fit-priors" in result.stdout and "demo" in result.stdout
