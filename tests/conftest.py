@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("MPLBACKEND", "Agg")  # tests draw off screen
+
 import numpy as np
 import pytest
 import torch

@@ -146,7 +146,8 @@ class Distiller:
         self.generator = torch.Generator().manual_seed(seed + 1000 * self.rank)  # policy draws differ per rank
         torch.manual_seed(seed + self.rank)
         self.epoch = 0
-        self.step = 0
+        self.step = 0  # Stage III steps
+        self.iteration = 0  # Stage II and Stage III steps together, the x axis of the history
         self.history: dict[str, list[dict[str, Any]]] = {"search": [], "train": [], "epochs": []}
 
     # ----------------------------------------------------------------------------------------------------------
@@ -254,7 +255,8 @@ class Distiller:
         """Train from the current epoch up to ``epochs``; save ``checkpoint`` (atomically) after every epoch.
 
         Returns the history: ``search`` (Stage II steps: losses and the policy), ``train`` (Stage III steps) and
-        ``epochs`` (the policy, mean losses and validation accuracy per epoch). Pass a shuffled DataLoader with a
+        ``epochs`` (the policy, mean losses and validation accuracy per epoch); every record has its
+        ``iteration``, counting Stage II and Stage III steps together. Pass a shuffled DataLoader with a
         ``generator`` (or a DistributedSampler) for an exactly resumable data order.
         """
         if not isinstance(epochs, int) or epochs < 1:
@@ -274,20 +276,24 @@ class Distiller:
                 for i, batch in enumerate(train_loader):
                     if self.search_steps is not None and i >= self.search_steps:
                         break
-                    record = {"epoch": self.epoch, "step": self.step, **self.search_step(*self._batch(batch))}
+                    record = {"epoch": self.epoch, "iteration": self.iteration, **self.search_step(*self._batch(batch))}
                     records.append({**record, "policy": self.augmenter.policy()})
+                    self.iteration += 1
                 self.history["search"] += records
                 epoch_record["search"] = {k: float(np.mean([r[k] for r in records]))
                                           for k in ("teacher_ce", "student_term")} if records else {}
             self._epoch_order(train_loader, self.epoch)
             losses = []
             for batch in train_loader:
-                record = {"epoch": self.epoch, "step": self.step, **self.train_step(*self._batch(batch))}
+                record = {"epoch": self.epoch, "iteration": self.iteration, "step": self.step,
+                          **self.train_step(*self._batch(batch))}
                 self.history["train"].append(record)
                 losses.append(record["loss"])
                 self.step += 1
+                self.iteration += 1
             epoch_record["train_loss"] = float(np.mean(losses)) if losses else float("nan")
             epoch_record["lr"] = self.optimiser.param_groups[0]["lr"]
+            epoch_record["iteration"] = self.iteration
             epoch_record["policy"] = self.augmenter.policy()
             if val_loader is not None:
                 epoch_record["val_accuracy"] = self.evaluate(val_loader)
@@ -313,6 +319,7 @@ class Distiller:
             "scaler": self.scaler.state_dict(),
             "epoch": self.epoch,
             "step": self.step,
+            "iteration": self.iteration,
             "history": json.dumps(self.history),
             "rng": {
                 "generator": self.generator.get_state(),
@@ -329,7 +336,7 @@ class Distiller:
         self.optimiser.load_state_dict(state["optimiser"])
         self.search_optimiser.load_state_dict(state["search_optimiser"])
         self.scaler.load_state_dict(state["scaler"])
-        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.epoch, self.step, self.iteration = int(state["epoch"]), int(state["step"]), int(state["iteration"])
         self.history = json.loads(state["history"])
         rng = state["rng"]
         self.generator.set_state(rng["generator"])

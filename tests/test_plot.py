@@ -1,0 +1,93 @@
+"""diffaug.plot on real outputs: every function returns its figure, draws what it says, and never shows."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pytest
+import torch
+from matplotlib.figure import Figure
+from torch.utils.data import DataLoader
+
+from diffaug import DiffAugError, PolicyAugmenter
+from diffaug.distill import Distiller
+from diffaug.distill.data import mnist5k, small_models
+from diffaug.plot import plot_fit_report, plot_policy, plot_policy_history, show_augmented, show_ops
+from diffaug.priors import shipped_priors_dir
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    plt.close("all")
+
+
+@pytest.fixture(scope="module")
+def history() -> dict:
+    train, _ = mnist5k(train_size=60)
+    teacher, student = small_models(1, 10)
+    distiller = Distiller(teacher, student, PolicyAugmenter(), search_epochs=[0, 2], search_steps=3, search_lr=1.0,
+                          progress=False)
+    return distiller.fit(DataLoader(train, batch_size=20), 3)
+
+
+def test_import_diffaug_does_not_import_matplotlib() -> None:
+    code = "import sys, diffaug, diffaug.distill; assert 'matplotlib' not in sys.modules, 'imported'"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_policy_history_from_dict_and_json(history: dict, tmp_path: Path) -> None:
+    fig, (probability, magnitude) = plot_policy_history(history)
+    assert isinstance(fig, Figure)
+    assert len(probability.lines) == 14 and len(magnitude.lines) == 11
+    # One point per search step plus one per epoch, against the iteration.
+    xs = probability.lines[0].get_xdata()
+    assert len(xs) == 6 + 3 and list(xs) == sorted(xs)
+    assert len(probability.patches) == 2  # the two Stage II blocks, shaded
+    path = tmp_path / "history.json"
+    path.write_text(json.dumps(history))
+    fig2, axes = plot_policy_history(path, ops=["Rotate", "Invert"])
+    assert [line.get_label() for line in axes[0].lines] == ["Rotate", "Invert"]
+    fig2.savefig(tmp_path / "history.png")
+    assert (tmp_path / "history.png").stat().st_size > 10_000
+
+
+def test_policy_bars() -> None:
+    aug = PolicyAugmenter(probability={"Rotate": 0.9})
+    fig, ax = plot_policy(aug)
+    heights = [bar.get_height() for bar in ax.patches[:14]]
+    assert heights[aug.ops.index("Rotate")] == pytest.approx(0.9)
+    plot_policy(aug.policy())
+
+
+def test_show_ops_draws_reference_next_to_encoder(images: torch.Tensor) -> None:
+    fig = show_ops(images[:4], magnitudes=(-1.0, 1.0), ops=["Rotate", "Solarize"])
+    assert len(fig.axes) == 2 * 4
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles[0] == "Rotate -1.00" and titles[1].startswith("encoder ") and titles[1].endswith(" dB")
+    assert titles[4] == "Solarize +1.00"  # unsigned ops take |m|
+    assert float(titles[1].split()[1]) > 45  # the shipped Rotate prior is faithful
+
+
+def test_show_augmented(images: torch.Tensor) -> None:
+    fig = show_augmented(PolicyAugmenter(seed=0).eval(), images[:5], rows=3)
+    assert len(fig.axes) == 5 * 4
+
+
+def test_fit_report_from_manifest_folder_or_file() -> None:
+    fig, ax = plot_fit_report(shipped_priors_dir())
+    assert len(ax.get_xticklabels()) == 11
+    plot_fit_report(shipped_priors_dir("paper") / "manifest.json")
+    with pytest.raises(DiffAugError, match=r"manifest must be a priors manifest"):
+        plot_fit_report({"nope": 1})
+
+
+def test_plot_errors() -> None:
+    with pytest.raises(DiffAugError, match=r"history must be a Distiller history"):
+        plot_policy_history({"train": []})
+    with pytest.raises(DiffAugError, match=r"which is missing"):
+        plot_policy_history("/nonexistent/history.json")
