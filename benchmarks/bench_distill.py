@@ -38,7 +38,7 @@ def accuracy(model: torch.nn.Module, dataset) -> float:
         return float((model(x).argmax(1) == y).float().mean())
 
 
-def run(arm: str, data: str, seed: int, epochs: int, teacher_epochs: int) -> tuple[float, float]:
+def run(arm: str, data: str, seed: int, epochs: int, teacher_epochs: int, search_lr: float) -> tuple[float, float]:
     train, test = mnist5k(1000, seed=seed) if data == "mnist" else photo_patches(per_class=100, seed=seed)
     channels = train.tensors[0].shape[1]
     teacher, student = small_models(channels, 10, seed=seed)
@@ -61,7 +61,8 @@ def run(arm: str, data: str, seed: int, epochs: int, teacher_epochs: int) -> tup
     probability = 1e-6 if arm == "kd" else 0.5
     augmenter = PolicyAugmenter(probability=probability)
     searches = None if arm == "tst" else []
-    distiller = Distiller(teacher, student, augmenter, lr=0.05, search_epochs=searches, seed=seed, progress=False)
+    distiller = Distiller(teacher, student, augmenter, lr=0.05, search_epochs=searches, search_lr=search_lr, seed=seed,
+                          progress=False)
     distiller.fit(loader, epochs)
     return accuracy(student, test), teacher_accuracy
 
@@ -73,6 +74,8 @@ def main() -> None:
     parser.add_argument("--teacher-epochs", type=int, default=15)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
+    parser.add_argument("--search-lr", type=float, default=0.01,
+                        help="Stage II SGD lr (paper: 0.01 over ~390 steps a block; ours has ~16 a block)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     results: dict[str, list[float]] = {arm: [] for arm in args.arms}
@@ -80,12 +83,13 @@ def main() -> None:
     for seed in args.seeds:
         for arm in args.arms:
             start = time.perf_counter()
-            acc, teacher_acc = run(arm, args.data, seed, args.epochs, args.teacher_epochs)
+            acc, teacher_acc = run(arm, args.data, seed, args.epochs, args.teacher_epochs, args.search_lr)
             results[arm].append(acc)
             teachers.append(teacher_acc)
             print(f"seed {seed} {arm:<10} test accuracy {acc:.4f} (teacher {teacher_acc:.4f}) "
                   f"[{time.perf_counter() - start:.0f}s]", flush=True)
-    print(f"\n{args.data}, {args.epochs} epochs, seeds {args.seeds}; teacher {statistics.mean(teachers):.4f}")
+    print(f"\n{args.data}, {args.epochs} epochs, seeds {args.seeds}, search lr {args.search_lr}; "
+          f"teacher {statistics.mean(teachers):.4f}")
     print(f"| arm | test accuracy (mean +- std) |\n|---|---|")
     for arm, accs in results.items():
         std = statistics.stdev(accs) if len(accs) > 1 else 0.0
