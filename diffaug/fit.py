@@ -269,7 +269,7 @@ def evaluate_encoder(
     }
 
 
-class _Progress:
+class Progress:
     """One line per op on a terminal, rewritten in place: step, running loss, elapsed time."""
 
     def __init__(self, label: str, stream: TextIO | None) -> None:
@@ -322,7 +322,7 @@ def fit_priors(
     encoders, records = {}, {}
     for op in ops:
         started = time.perf_counter()
-        encoder = fit_encoder(op, arch, pool, settings, _Progress(op, stream))
+        encoder = fit_encoder(op, arch, pool, settings, Progress(op, stream))
         seconds = time.perf_counter() - started
         at_size = evaluate_encoder(encoder, held_images, settings.image_size)
         at_3x = evaluate_encoder(encoder, held_images, 3 * settings.image_size, count=64)

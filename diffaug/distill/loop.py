@@ -29,6 +29,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..errors import DiffAugError
+from ..fit import Progress
 from ..policy import PolicyAugmenter
 from .objective import kd_loss, tst_loss, tst_terms
 
@@ -284,11 +285,14 @@ class Distiller:
                                           for k in ("teacher_ce", "student_term")} if records else {}
             self._epoch_order(train_loader, self.epoch)
             losses = []
+            steps = len(train_loader) if hasattr(train_loader, "__len__") else 0
+            bar = Progress(f"epoch {self.epoch + 1}/{epochs}", sys.stderr if self.progress and steps else None)
             for batch in train_loader:
                 record = {"epoch": self.epoch, "iteration": self.iteration, "step": self.step,
                           **self.train_step(*self._batch(batch))}
                 self.history["train"].append(record)
                 losses.append(record["loss"])
+                bar(len(losses) - 1, record["loss"], steps)
                 self.step += 1
                 self.iteration += 1
             epoch_record["train_loss"] = float(np.mean(losses)) if losses else float("nan")
