@@ -39,8 +39,10 @@ class MagnitudeNet(nn.Module):
         nn.init.zeros_(self.hidden[2].bias)
 
     def forward(self, m: Tensor) -> Tensor:
-        m = m.to(self.linear.weight.dtype).unsqueeze(1)
-        return self.linear(m) + self.hidden(m)
+        # Outside autocast: half-precision coefficients would cost the encoder its fidelity (~1e-3 relative).
+        with torch.autocast(m.device.type, enabled=False):
+            m = m.to(self.linear.weight.dtype).unsqueeze(1)
+            return self.linear(m) + self.hidden(m)
 
 
 class MetaEncoder(nn.Module):

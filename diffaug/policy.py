@@ -199,8 +199,16 @@ class _Policy(nn.Module):
         check_images(x, self._input_name, self._input_range)
         return self._augment(x, self.sample(1 if x.dim() == 3 else x.shape[0], generator))
 
-    def apply(self, x: Tensor, sample: PolicySample) -> Tensor:  # type: ignore[override]
-        """Replay ``sample`` on ``x`` (Eq. 5): x + sum over the drawn ops of gate * (f(x, m) - x), clipped."""
+    def apply(self, x: Tensor, sample: PolicySample | None = None) -> Tensor:  # type: ignore[override]
+        """Replay ``sample`` on ``x`` (Eq. 5): x + sum over the drawn ops of gate * (f(x, m) - x), clipped.
+
+        Called with a function alone, this is ``nn.Module.apply(fn)``, as a parent module calls it (for example
+        ``model.apply(init_weights)`` on a model holding the augmenter).
+        """
+        if sample is None and callable(x) and not isinstance(x, Tensor):
+            return super().apply(x)  # type: ignore[return-value]
+        if not isinstance(sample, PolicySample):
+            raise DiffAugError(f"sample must be a PolicySample from sample(); got {type(sample).__name__}")
         check_images(x, self._input_name, self._input_range)
         return self._augment(x, sample)
 

@@ -390,3 +390,23 @@ def test_reference_policy_outputs_exact_ops(images: torch.Tensor) -> None:
     with torch.no_grad():
         out = reference(images)
     torch.testing.assert_close(out, apply_op("Solarize", images, torch.ones(len(images))), atol=0, rtol=0)
+
+
+def test_module_apply_of_a_parent_still_works(images: torch.Tensor) -> None:
+    """nn.Module.apply(fn) recurses into children as child.apply(fn): ours must keep that meaning."""
+    aug = PolicyAugmenter(seed=0)
+    model = torch.nn.Sequential(aug, torch.nn.Conv2d(3, 3, 1))
+    seen = []
+    assert model.apply(lambda module: seen.append(type(module).__name__)) is model
+    assert "PolicyAugmenter" in seen and "Conv2d" in seen
+    with pytest.raises(DiffAugError, match=r"sample must be a PolicySample from sample\(\); got NoneType"):
+        aug.apply(images)
+
+
+def test_autocast_keeps_the_encoders_coefficients_in_float32(images: torch.Tensor) -> None:
+    aug = PolicyAugmenter(ops=["Rotate"], n_ops=1, seed=0)
+    sample = aug.sample(len(images))
+    expected = aug.apply(images, sample)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = aug.apply(images, sample)
+    torch.testing.assert_close(out.float(), expected, atol=1e-5, rtol=0)
