@@ -90,7 +90,7 @@ def main() -> None:
                   f"[{time.perf_counter() - start:.0f}s]", flush=True)
     print(f"\n{args.data}, {args.epochs} epochs, seeds {args.seeds}, search lr {args.search_lr}; "
           f"teacher {statistics.mean(teachers):.4f}")
-    print(f"| arm | test accuracy (mean +- std) |\n|---|---|")
+    print("| arm | test accuracy (mean +- std) |\n|---|---|")
     for arm, accs in results.items():
         std = statistics.stdev(accs) if len(accs) > 1 else 0.0
         print(f"| {arm} | {100 * statistics.mean(accs):.2f} +- {100 * std:.2f} |")

@@ -91,7 +91,8 @@ def _initial_logits(value: float | Mapping[str, float], names: Sequence[str], wh
         values = [value.get(n, 0.5) for n in names]
     else:
         values = [value] * len(names)
-    return torch.tensor([_logit(v, f"{what} of {n}") for v, n in zip(values, names)], dtype=torch.float32)
+    logits = [_logit(v, f"{what} of {n}") for v, n in zip(values, names, strict=True)]
+    return torch.tensor(logits, dtype=torch.float32)
 
 
 _PolicyT = TypeVar("_PolicyT", bound="_Policy")
@@ -280,9 +281,10 @@ class _Policy(nn.Module):
     def policy(self) -> dict[str, dict[str, float]]:
         """Current apply probability of every op and magnitude of every magnitude op, by op name."""
         probabilities = torch.sigmoid(self.probability_logits.detach()).tolist()
-        magnitudes = dict(zip(self.magnitude_ops, torch.sigmoid(self.magnitude_logits.detach()).tolist()))
+        magnitude_values = torch.sigmoid(self.magnitude_logits.detach()).tolist()
+        magnitudes = dict(zip(self.magnitude_ops, magnitude_values, strict=True))
         result: dict[str, dict[str, float]] = {}
-        for name, p in zip(self.ops, probabilities):
+        for name, p in zip(self.ops, probabilities, strict=True):
             result[name] = {"probability": p} | ({"magnitude": magnitudes[name]} if name in magnitudes else {})
         return result
 

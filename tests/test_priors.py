@@ -204,9 +204,9 @@ def test_priors_load_from_a_built_wheel(tmp_path: Path) -> None:
     assert (site / "diffaug" / "pretrained_priors" / "default" / MANIFEST).is_file()
     code = (
         "import diffaug, torch; from diffaug import PolicyAugmenter;"
-        "assert diffaug.__file__.startswith(%r), diffaug.__file__;"
+        f"assert diffaug.__file__.startswith({str(site)!r}), diffaug.__file__;"
         "a = PolicyAugmenter(seed=0); print(a(torch.rand(2, 3, 16, 16)).shape, len(diffaug.load_priors(arch='paper')))"
-    ) % str(site)
+    )
     env = {**os.environ, "PYTHONPATH": str(site)}
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

@@ -182,7 +182,7 @@ class Distiller:
         self._check_finite(loss, "Stage II (search)")
         params = list(self.augmenter.parameters())
         grads = torch.autograd.grad(loss, params, allow_unused=True)
-        for p, g in zip(params, grads):
+        for p, g in zip(params, grads, strict=True):
             p.grad = torch.zeros_like(p) if g is None else g.float()
             if self.world > 1:  # identical logits on every rank: average the gradients before stepping
                 dist.all_reduce(p.grad)
@@ -264,7 +264,7 @@ class Distiller:
             raise DiffAugError(f"epochs must be a positive int; got {epochs!r}")
         milestones, searches = self._schedule(epochs)
         base_lrs = [g.get("initial_lr", g["lr"]) for g in self.optimiser.param_groups]
-        for group, base in zip(self.optimiser.param_groups, base_lrs):
+        for group, base in zip(self.optimiser.param_groups, base_lrs, strict=True):
             group["initial_lr"] = base
         while self.epoch < epochs:
             started = time.perf_counter()
