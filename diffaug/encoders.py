@@ -120,14 +120,16 @@ class StaircaseEncoder(MetaEncoder):
         centre = F.softplus(self.start) + width / 2
         surrogate = None if self.training else self.surrogate_width
         gates = _step(magnitude.to(centre.dtype).unsqueeze(1) - centre, width, surrogate).to(x.dtype)  # (B, bits)
-        # Posterize to 8 - k bits subtracts bits 0..k-1 of the 8-bit level; gate k removes bit k - 1.
-        levels = torch.round(x.detach() * 255).to(torch.int32)
-        weights = gates * (2.0 ** torch.arange(self.bits, device=x.device, dtype=x.dtype) / 255)
-        out = x
-        for k in range(self.bits):
-            bit = torch.bitwise_and(torch.bitwise_right_shift(levels, k), 1).to(x.dtype)
-            out = torch.addcmul(out, bit, weights[:, k].view(-1, 1, 1, 1), value=-1)
-        return clip01(out)  # as the reference: a value just above a level's midpoint could dip below 0
+        # Posterize to 8 - k bits subtracts bits 0..k-1 of the 8-bit level; gate k removes bit k - 1. What each
+        # image loses at each level is a per-image table of 256 values, so the per-pixel work is one lookup.
+        levels = torch.round(x.detach() * 255).long().clamp_(0, 255)
+        values = torch.arange(256, device=x.device)
+        bits = torch.stack([(values >> k) & 1 for k in range(self.bits)], dim=1).to(x.dtype) * (
+            2.0 ** torch.arange(self.bits, device=x.device, dtype=x.dtype) / 255
+        )  # (256, bits): the value of bit k at each level
+        table = gates @ bits.t()  # (B, 256)
+        drop = table.gather(1, levels.flatten(1)).view_as(x)
+        return clip01(x - drop)  # as the reference: a value just above a level's midpoint could dip below 0
 
 
 class ThresholdEncoder(MetaEncoder):
