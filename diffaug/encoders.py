@@ -69,16 +69,22 @@ class MetaEncoder(nn.Module):
         return f"op={self.op!r}, arch={self.arch!r}"
 
 
-def _step(distance: Tensor, width: Tensor, surrogate_width: float | None) -> Tensor:
-    """A step at distance 0 that rises linearly over ``width``: finite slope, so gradients reach its position.
+def _step(value: Tensor, position: Tensor, width: Tensor, surrogate_width: float | None) -> Tensor:
+    """A step at ``position`` that rises linearly over ``width``: finite slope, so gradients reach its position.
 
     With ``surrogate_width``, the value is the same but the gradient is that of a step ``surrogate_width`` wide
     (straight-through): a narrow step is faithful but passes gradient only for inputs within ``width`` of it.
+    Written as one fused multiply-add per call (value / width + offset): the per-pixel cost of Solarize.
     """
-    step = clip01(distance / width + 0.5)
+
+    def ramp(w: Tensor | float) -> Tensor:
+        scale = torch.as_tensor(1 / w, dtype=value.dtype, device=value.device)
+        return clip01(torch.addcmul(0.5 - position * scale, value, scale))
+
+    step = ramp(width)
     if surrogate_width is None or not torch.is_grad_enabled():
         return step
-    wide = clip01(distance / surrogate_width + 0.5)
+    wide = ramp(surrogate_width)
     return step + (wide - wide.detach())
 
 
@@ -119,7 +125,7 @@ class StaircaseEncoder(MetaEncoder):
         width = self.min_width + F.softplus(self.width)
         centre = F.softplus(self.start) + width / 2
         surrogate = None if self.training else self.surrogate_width
-        gates = _step(magnitude.to(centre.dtype).unsqueeze(1) - centre, width, surrogate).to(x.dtype)  # (B, bits)
+        gates = _step(magnitude.to(centre.dtype).unsqueeze(1), centre, width, surrogate).to(x.dtype)  # (B, bits)
         # Posterize to 8 - k bits subtracts bits 0..k-1 of the 8-bit level; gate k removes bit k - 1. What each
         # image loses at each level is a per-image table of 256 values, so the per-pixel work is one lookup.
         levels = torch.round(x.detach() * 255).long().clamp_(0, 255)
@@ -152,7 +158,7 @@ class ThresholdEncoder(MetaEncoder):
         tau = (256 / 255 - magnitude * self.depth(magnitude).squeeze(1)).to(x.dtype).view(-1, 1, 1, 1)
         width = ((0.25 + 1.75 * torch.sigmoid(self.width)) / 255).to(x.dtype)
         surrogate = None if self.training else self.surrogate_width
-        return x + _step(x - tau, width, surrogate) * (1 - 2 * x)
+        return torch.addcmul(x, _step(x, tau, width, surrogate), 1 - 2 * x)
 
 
 class AffineEncoder(MetaEncoder):

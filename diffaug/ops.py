@@ -54,7 +54,7 @@ def smooth(x: Tensor) -> Tensor:
     rows = x[..., :-2, :] + x[..., 1:-1, :] + x[..., 2:, :]
     box = rows[..., :-2] + rows[..., 1:-1] + rows[..., 2:]
     out = x.clone()
-    out[..., 1:-1, 1:-1] = (box + 4 * x[..., 1:-1, 1:-1]) / 13
+    out[..., 1:-1, 1:-1] = box.add_(x[..., 1:-1, 1:-1], alpha=4).mul_(1 / 13)
     return out
 
 
