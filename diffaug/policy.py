@@ -105,20 +105,22 @@ class _Policy(nn.Module):
     probability_logits: Tensor
     magnitude_logits: Tensor
 
+    # Whether the logits are parameters (learned) or buffers (a fixed policy).
+    _learnable = True
+
     def __init__(
         self,
-        ops: Sequence[str] | None,
+        ops: Sequence[str] | None = None,
         *,
-        n_ops: int | None,
-        probability: float | Mapping[str, float],
-        magnitude: float | Mapping[str, float],
-        temperature: float,
-        selection: str,
-        magnitude_sampling: str,
-        mean: Sequence[float] | None,
-        std: Sequence[float] | None,
-        seed: int | None,
-        learnable: bool,
+        n_ops: int | None = None,
+        probability: float | Mapping[str, float] = 0.5,
+        magnitude: float | Mapping[str, float] = 0.5,
+        temperature: float = 0.05,
+        selection: Literal["sample", "batch"] = "sample",
+        magnitude_sampling: Literal["relaxed", "mean"] = "relaxed",
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
         self.ops = op_names(ops)
@@ -139,7 +141,7 @@ class _Policy(nn.Module):
             "magnitude_logits": _initial_logits(magnitude, self.magnitude_ops, "magnitude"),
         }
         for name, value in logits.items():
-            if learnable:
+            if self._learnable:
                 self.register_parameter(name, nn.Parameter(value))
             else:
                 self.register_buffer(name, value)
@@ -395,7 +397,7 @@ class PolicyAugmenter(_Policy):
     ) -> None:
         super().__init__(
             ops, n_ops=n_ops, probability=probability, magnitude=magnitude, temperature=temperature,
-            selection=selection, magnitude_sampling=magnitude_sampling, mean=mean, std=std, seed=seed, learnable=True,
+            selection=selection, magnitude_sampling=magnitude_sampling, mean=mean, std=std, seed=seed,
         )
         _check_choice("forward", forward, ("encoder", "reference"))
         self.forward_mode = forward
@@ -426,8 +428,9 @@ class PolicyAugmenter(_Policy):
 class ReferencePolicy(_Policy):
     """A fixed policy applied with the exact reference ops (``diffaug.apply_op``): no encoders, no gradients.
 
-    Build it with ``PolicyAugmenter.to_reference()`` or ``ReferencePolicy.from_dict(json)``; the arguments are
-    those of ``PolicyAugmenter`` without the encoder ones. Gates and magnitudes are always hard samples.
+    Build it with ``PolicyAugmenter.to_reference()`` or ``ReferencePolicy.from_dict(json)``; its arguments are
+    those of ``PolicyAugmenter`` without ``forward``, ``priors`` and ``arch``. Gates and magnitudes are always hard
+    samples, and the probabilities and magnitudes are buffers, not parameters.
 
     Example:
         >>> ref = PolicyAugmenter(probability={"Rotate": 0.9}).to_reference()
@@ -435,24 +438,7 @@ class ReferencePolicy(_Policy):
         torch.Size([4, 3, 32, 32])
     """
 
-    def __init__(
-        self,
-        ops: Sequence[str] | None = None,
-        *,
-        n_ops: int | None = None,
-        probability: float | Mapping[str, float] = 0.5,
-        magnitude: float | Mapping[str, float] = 0.5,
-        temperature: float = 0.05,
-        selection: Literal["sample", "batch"] = "sample",
-        magnitude_sampling: Literal["relaxed", "mean"] = "relaxed",
-        mean: Sequence[float] | None = None,
-        std: Sequence[float] | None = None,
-        seed: int | None = None,
-    ) -> None:
-        super().__init__(
-            ops, n_ops=n_ops, probability=probability, magnitude=magnitude, temperature=temperature,
-            selection=selection, magnitude_sampling=magnitude_sampling, mean=mean, std=std, seed=seed, learnable=False,
-        )
+    _learnable = False
 
     @property
     def relaxed(self) -> bool:
