@@ -16,7 +16,6 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Mapping
 from importlib import resources
@@ -27,6 +26,7 @@ import torch
 
 from .encoders import ARCHS, MetaEncoder, build_encoder, freeze
 from .errors import DiffAugError
+from .files import write_atomic
 from .ops import MAGNITUDE_OPS, OPS_TABLE
 
 __all__ = ["load_priors", "save_priors", "shipped_priors_dir", "op_table_fingerprint", "read_manifest"]
@@ -130,19 +130,6 @@ def _tensor_bytes(encoder: MetaEncoder) -> bytes:
     return buffer.getvalue()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def save_priors(
     folder: str | os.PathLike,
     encoders: Mapping[str, MetaEncoder],
@@ -167,11 +154,12 @@ def save_priors(
         data = _tensor_bytes(encoder)
         digest = _sha256(data)
         file = f"{name}-{digest[:12]}.pt"
-        _write_atomic(folder / file, data)
+        write_atomic(folder / file, lambda temporary: Path(temporary).write_bytes(data))
         ops[name] = {"file": file, "sha256": digest, **records.get(name, {})}
     manifest = {"format": FORMAT, **header, "op_table_fingerprint": op_table_fingerprint(),
                 "ops": {n: ops[n] for n in MAGNITUDE_OPS if n in ops}}
-    _write_atomic(folder / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+    text = json.dumps(manifest, indent=2) + "\n"
+    write_atomic(folder / MANIFEST, lambda temporary: Path(temporary).write_text(text))
     referenced = {entry["file"] for entry in ops.values()}
     for stale in folder.glob("*.pt"):
         if stale.name not in referenced:

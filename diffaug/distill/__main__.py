@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import DiffAugError
+from ..files import write_atomic
 from ..policy import PolicyAugmenter
 from .data import cifar, mnist5k, photo_patches, small_models
 from .loop import Distiller
@@ -56,10 +57,7 @@ def cached_teacher(args: argparse.Namespace, teacher: torch.nn.Module, train: Da
         return teacher.eval()
     loader = DataLoader(train, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(args.seed))
     train_teacher(teacher, loader, args.teacher_epochs, args.device)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp")
-    torch.save(teacher.state_dict(), temporary)
-    temporary.replace(path)
+    write_atomic(path, lambda temporary: torch.save(teacher.state_dict(), temporary))
     print(f"teacher trained and cached in {path}", file=sys.stderr)
     return teacher.cpu().eval()
 

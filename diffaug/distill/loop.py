@@ -16,7 +16,6 @@ import math
 import os
 import random
 import sys
-import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
@@ -29,6 +28,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..errors import DiffAugError
+from ..files import write_atomic
 from ..fit import Progress
 from ..policy import PolicyAugmenter
 from .objective import kd_loss, tst_loss, tst_terms
@@ -42,18 +42,6 @@ def _rank() -> int:
 
 def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _write_atomic(path: Path, save: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        save(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def _numpy_state() -> list[Any]:
@@ -356,7 +344,7 @@ class Distiller:
         """Write a checkpoint atomically (rank 0 only): an interruption leaves the previous one intact."""
         if self.rank == 0:
             state = self.state_dict()
-            _write_atomic(Path(path), lambda temporary: torch.save(state, temporary))
+            write_atomic(path, lambda temporary: torch.save(state, temporary))
         if self.world > 1:
             dist.barrier()
 
@@ -374,4 +362,4 @@ class Distiller:
     def save_history(self, path: str | os.PathLike) -> None:
         """The history as JSON, written atomically."""
         text = json.dumps(self.history)
-        _write_atomic(Path(path), lambda temporary: Path(temporary).write_text(text))
+        write_atomic(path, lambda temporary: Path(temporary).write_text(text))
