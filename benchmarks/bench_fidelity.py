@@ -17,15 +17,8 @@ import math
 import torch
 
 from diffaug import load_priors
-from diffaug.fit import evaluate_encoder, load_images
-from diffaug.ops import MAGNITUDE_OPS, get_op
-
-TARGETS = {"colour": 45.0, "Posterize": 42.0, "Solarize": 30.0, "affine": 50.0}
-
-
-def target(name: str) -> float:
-    return TARGETS.get(name, TARGETS[get_op(name).kind])
-
+from diffaug.fit import FIDELITY_TARGETS, evaluate_encoder, load_images
+from diffaug.ops import MAGNITUDE_OPS
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -49,7 +42,7 @@ def main() -> None:
         a = evaluate_encoder(ours[name], held, args.size, count=args.count)
         b = evaluate_encoder(ours[name], held, big, count=max(16, args.count // 4))
         p = evaluate_encoder(paper[name], held, args.size, count=args.count)
-        print(f"{name:<11} {target(name):>6.0f} | {a['psnr']:>8.2f} {b['psnr']:>8.2f} {p['psnr']:>7.2f} "
+        print(f"{name:<11} {FIDELITY_TARGETS[name]:>6.0f} | {a['psnr']:>8.2f} {b['psnr']:>8.2f} {p['psnr']:>7.2f} "
               f"{a['identity_psnr']:>8.2f} | {cell(a['grad_cosine']):>8} {cell(p['grad_cosine']):>9} "
               f"{cell(a['grad_ceiling']):>7}")
 

@@ -19,6 +19,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from .errors import DiffAugError, check_images
+from .fit import FIDELITY_TARGETS
 from .ops import MAGNITUDE_OPS, apply_op, get_op
 from .policy import _Policy
 
@@ -171,8 +172,7 @@ def plot_fit_report(manifest: Mapping[str, Any] | str | PathLike, ax: Axes | Non
     size = f"{data['image_size']}px"
     names = list(data["ops"])
     fidelity = [data["ops"][n]["fidelity"][size] for n in names]
-    targets = [30.0 if n == "Solarize" else 42.0 if n == "Posterize" else 45.0 if get_op(n).kind == "colour" else 50.0
-               for n in names]
+    targets = [FIDELITY_TARGETS[n] for n in names]
     if ax is None:
         fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(names)), 3.8), layout="constrained")
     else:
