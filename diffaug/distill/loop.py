@@ -31,7 +31,7 @@ from ..errors import DiffAugError
 from ..files import write_atomic
 from ..fit import Progress
 from ..policy import PolicyAugmenter
-from .objective import kd_loss, tst_loss, tst_terms
+from .objective import kd_loss, tst_terms
 
 __all__ = ["Distiller"]
 
@@ -166,7 +166,8 @@ class Distiller:
         with self._autocast():
             x_hat = self.augmenter(x, generator=self.generator)
             teacher_logits, student_logits = self.teacher(x_hat), self.student(x_hat)
-            loss = tst_loss(teacher_logits, student_logits, y, self.alpha, self.beta)
+            teacher_ce, student_term = tst_terms(teacher_logits, student_logits, y)
+            loss = self.alpha * teacher_ce + self.beta * student_term  # Eq. 2, as tst_loss, terms kept for the log
         self._check_finite(loss, "Stage II (search)")
         params = list(self.augmenter.parameters())
         grads = torch.autograd.grad(loss, params, allow_unused=True)
@@ -177,7 +178,6 @@ class Distiller:
                 p.grad /= self.world
         self.search_optimiser.step()
         self.search_optimiser.zero_grad(set_to_none=True)
-        teacher_ce, student_term = tst_terms(teacher_logits, student_logits, y)
         return {"loss": loss.item(), "teacher_ce": teacher_ce.item(), "student_term": student_term.item()}
 
     def train_step(self, x: Tensor, y: Tensor) -> dict[str, float]:

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ..errors import DiffAugError
 
-__all__ = ["kd_loss", "log_one_minus_softmax", "tst_loss"]
+__all__ = ["kd_loss", "log_one_minus_softmax", "tst_loss", "tst_terms"]
 
 
 def _check_logits(name: str, logits: Tensor, targets: Tensor, other: Tensor | None = None) -> None:
@@ -82,15 +82,13 @@ def tst_loss(
         >>> tst_loss(t, s, torch.tensor([0, 1, 2, 3])).shape
         torch.Size([])
     """
-    _check_logits("teacher_logits", teacher_logits, targets, student_logits)
-    teacher_ce = F.cross_entropy(teacher_logits.float(), targets.long())
-    student_term = -log_one_minus_softmax(student_logits, targets).mean()
+    teacher_ce, student_term = tst_terms(teacher_logits, student_logits, targets)
     return alpha * teacher_ce + beta * student_term
 
 
 def tst_terms(teacher_logits: Tensor, student_logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-    """The two terms of Eq. 2 apart (teacher CE, student term), for logging; detached."""
-    with torch.no_grad():
-        teacher_ce = F.cross_entropy(teacher_logits.float(), targets.long())
-        student_term = -log_one_minus_softmax(student_logits, targets).mean()
+    """The two terms of Eq. 2 apart, batch means: CE(teacher, y) and -log(1 - p_student[y])."""
+    _check_logits("teacher_logits", teacher_logits, targets, student_logits)
+    teacher_ce = F.cross_entropy(teacher_logits.float(), targets.long())
+    student_term = -log_one_minus_softmax(student_logits, targets).mean()
     return teacher_ce, student_term
