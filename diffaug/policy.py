@@ -13,7 +13,6 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from os import PathLike
-import json  # noqa: F401  (used by the doctest of to_dict)
 from typing import Any, Literal, TypeVar
 
 import torch
@@ -107,6 +106,8 @@ class _Policy(nn.Module):
 
     # Whether the logits are parameters (learned) or buffers (a fixed policy).
     _learnable = True
+    # The constructor arguments that settings() reports and from_dict() reads back.
+    _setting_names: tuple[str, ...] = ("ops", "n_ops", "temperature", "selection", "magnitude_sampling", "mean", "std")
 
     def __init__(
         self,
@@ -306,6 +307,7 @@ class _Policy(nn.Module):
         """The policy as plain JSON: op names, probabilities, magnitudes, settings, and the exact logits.
 
         Example:
+            >>> import json
             >>> aug = PolicyAugmenter()
             >>> PolicyAugmenter.from_dict(json.loads(json.dumps(aug.to_dict()))).policy() == aug.policy()
             True
@@ -327,9 +329,10 @@ class _Policy(nn.Module):
         if not isinstance(data, Mapping) or data.get("format") != _EXPORT_FORMAT:
             got = data.get("format") if isinstance(data, Mapping) else type(data).__name__
             raise DiffAugError(f"policy dict must come from to_dict() (format {_EXPORT_FORMAT}); got format {got!r}")
-        keys = ("ops", "n_ops", "temperature", "selection", "magnitude_sampling", "mean", "std")
-        extra = {k: data[k] for k in ("forward",) if k in data and cls is PolicyAugmenter}
-        policy = cls(**{k: data[k] for k in keys}, **extra, **kwargs)
+        missing = [k for k in _Policy._setting_names if k not in data]
+        if missing:
+            raise DiffAugError(f"policy dict must hold the settings {list(_Policy._setting_names)}; missing {missing}")
+        policy = cls(**{k: data[k] for k in cls._setting_names if k in data}, **kwargs)
         with torch.no_grad():
             for name in ("probability_logits", "magnitude_logits"):
                 target = getattr(policy, name)
@@ -403,6 +406,8 @@ class PolicyAugmenter(_Policy):
         self.forward_mode = forward
         self.encoders = nn.ModuleDict(_resolve_encoders(priors, arch, self.magnitude_ops))
 
+    _setting_names = (*_Policy._setting_names, "forward")
+
     def _transform(self, name: str, x: Tensor, magnitude: Tensor, position: Tensor) -> Tensor:
         spec = get_op(name)
         if not spec.has_magnitude:
@@ -420,9 +425,7 @@ class PolicyAugmenter(_Policy):
     def to_reference(self) -> ReferencePolicy:
         """The learned policy on the exact reference ops, without encoders or gradients: cheap augmentation for
         training after the search. It draws hard samples (as ``eval()`` mode here) whatever its mode."""
-        data = self.to_dict()
-        data.pop("forward")
-        return ReferencePolicy.from_dict(data)
+        return ReferencePolicy.from_dict(self.to_dict())
 
 
 class ReferencePolicy(_Policy):
