@@ -120,6 +120,10 @@ class StaircaseEncoder(MetaEncoder):
         guesses = torch.arange(1, self.bits + 1, dtype=torch.float32) / (self.bits + 1)
         self.start = nn.Parameter(torch.log(torch.expm1(guesses)))
         self.width = nn.Parameter(torch.zeros(self.bits))
+        # (256, bits): what bit k is worth at each 8-bit level; a constant, so not saved with the prior.
+        levels = torch.arange(256)
+        bit_values = torch.stack([(levels >> k) & 1 for k in range(self.bits)], dim=1) * 2.0 ** torch.arange(self.bits)
+        self.register_buffer("bit_values", bit_values / 255, persistent=False)
 
     def transform(self, x: Tensor, magnitude: Tensor) -> Tensor:
         width = self.min_width + F.softplus(self.width)
@@ -129,11 +133,7 @@ class StaircaseEncoder(MetaEncoder):
         # Posterize to 8 - k bits subtracts bits 0..k-1 of the 8-bit level; gate k removes bit k - 1. What each
         # image loses at each level is a per-image table of 256 values, so the per-pixel work is one lookup.
         levels = torch.round(x.detach() * 255).long().clamp_(0, 255)
-        values = torch.arange(256, device=x.device)
-        bits = torch.stack([(values >> k) & 1 for k in range(self.bits)], dim=1).to(x.dtype) * (
-            2.0 ** torch.arange(self.bits, device=x.device, dtype=x.dtype) / 255
-        )  # (256, bits): the value of bit k at each level
-        table = gates @ bits.t()  # (B, 256)
+        table = gates @ self.bit_values.to(x.dtype).t()  # (B, 256)
         drop = table.gather(1, levels.flatten(1)).view_as(x)
         return clip01(x - drop)  # as the reference: a value just above a level's midpoint could dip below 0
 
