@@ -16,6 +16,8 @@ Two architectures share one interface, ``encoder(x, magnitude)`` with the contra
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -40,9 +42,15 @@ class MagnitudeNet(nn.Module):
 
     def forward(self, m: Tensor) -> Tensor:
         # Outside autocast: half-precision coefficients would cost the encoder its fidelity (~1e-3 relative).
-        with torch.autocast(m.device.type, enabled=False):
-            m = m.to(self.linear.weight.dtype).unsqueeze(1)
-            return self.linear(m) + self.hidden(m)
+        if torch.is_autocast_enabled(m.device.type):
+            with torch.autocast(m.device.type, enabled=False):
+                return self.forward(m)
+        # The layers' functional form, three kernels: an augmenter calls this once per op and batch, so at small
+        # image sizes the launches, not the arithmetic, are what it costs.
+        first, _, last = self.hidden
+        m = m.to(first.weight.dtype).unsqueeze(1)
+        hidden = torch.tanh(torch.addmm(first.bias, m, first.weight.t()))
+        return torch.addmm(torch.addmm(self.linear.bias + last.bias, m, self.linear.weight.t()), hidden, last.weight.t())
 
 
 class MetaEncoder(nn.Module):
@@ -69,23 +77,43 @@ class MetaEncoder(nn.Module):
         return f"op={self.op!r}, arch={self.arch!r}"
 
 
+def _ramp(value: Tensor, position: Tensor, width: Tensor | float) -> Tensor:
+    """0 below ``position - width / 2``, 1 above ``position + width / 2``, linear between: one multiply-add and a clip
+    per element, the per-pixel cost of Solarize."""
+    scale = torch.as_tensor(1 / width, dtype=value.dtype, device=value.device)
+    return clip01(torch.addcmul(0.5 - position * scale, value, scale))
+
+
+class _SurrogateStep(torch.autograd.Function):
+    """The value of ``_ramp(value, position, width)`` with the gradient of ``_ramp(value, position, surrogate)``
+    (straight-through); no gradient reaches ``width``. Written out rather than as ``ramp + (wide - wide.detach())``,
+    which would also add the narrow ramp's own gradient and compute the wide ramp's values only to drop them."""
+
+    @staticmethod
+    def forward(ctx: Any, value: Tensor, position: Tensor, width: Tensor, surrogate: float) -> Tensor:
+        ctx.save_for_backward(value, position)
+        ctx.surrogate = surrogate
+        return _ramp(value, position, width)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+        value, position = ctx.saved_tensors
+        inside = (value - position).abs_() < ctx.surrogate / 2
+        slope = grad * inside / ctx.surrogate
+        grad_value = slope.sum_to_size(value.shape) if ctx.needs_input_grad[0] else None
+        grad_position = -slope.sum_to_size(position.shape) if ctx.needs_input_grad[1] else None
+        return grad_value, grad_position, None, None
+
+
 def _step(value: Tensor, position: Tensor, width: Tensor, surrogate_width: float | None) -> Tensor:
     """A step at ``position`` that rises linearly over ``width``: finite slope, so gradients reach its position.
 
     With ``surrogate_width``, the value is the same but the gradient is that of a step ``surrogate_width`` wide
     (straight-through): a narrow step is faithful but passes gradient only for inputs within ``width`` of it.
-    Written as one fused multiply-add per call (value / width + offset): the per-pixel cost of Solarize.
     """
-
-    def ramp(w: Tensor | float) -> Tensor:
-        scale = torch.as_tensor(1 / w, dtype=value.dtype, device=value.device)
-        return clip01(torch.addcmul(0.5 - position * scale, value, scale))
-
-    step = ramp(width)
     if surrogate_width is None or not torch.is_grad_enabled():
-        return step
-    wide = ramp(surrogate_width)
-    return step + (wide - wide.detach())
+        return _ramp(value, position, width)
+    return _SurrogateStep.apply(value, position, width, surrogate_width)
 
 
 class BlendEncoder(MetaEncoder):
@@ -98,7 +126,9 @@ class BlendEncoder(MetaEncoder):
 
     def transform(self, x: Tensor, magnitude: Tensor) -> Tensor:
         a, b, c = (magnitude.unsqueeze(1) * self.coefficients(magnitude)).to(x.dtype).view(-1, 3, 1, 1, 1).unbind(1)
-        return clip01(torch.addcmul(torch.addcmul(c, x, 1 + a), self.degenerate(x), b))
+        # c + b D first: for Brightness and Contrast D is one value per image, and so is this sum, which leaves
+        # one full-size multiply-add (and its backward) instead of two.
+        return clip01(torch.addcmul(torch.addcmul(c, self.degenerate(x), b), x, 1 + a))
 
 
 class StaircaseEncoder(MetaEncoder):
@@ -168,14 +198,14 @@ class AffineEncoder(MetaEncoder):
         super().__init__(op, "default")
         self.coefficients = MagnitudeNet(6, hidden=32)
 
-    def matrices(self, magnitude: Tensor) -> tuple[Tensor, Tensor]:
+    def matrices(self, magnitude: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """The arguments of ``warp``: (B, 2, 2) linear maps and (B, 2) shifts; resolution-free (``size`` unused)."""
         c = magnitude.unsqueeze(1) * self.coefficients(magnitude)
         linear = torch.eye(2, device=c.device, dtype=c.dtype) + c[:, :4].view(-1, 2, 2)
         return linear, c[:, 4:]
 
     def transform(self, x: Tensor, magnitude: Tensor) -> Tensor:
-        linear, shift = self.matrices(magnitude)
-        return warp(x, linear, shift)
+        return warp(x, *self.matrices(magnitude, x.shape[-2:]))
 
 
 class PaperAffineEncoder(MetaEncoder):
@@ -189,11 +219,21 @@ class PaperAffineEncoder(MetaEncoder):
         with torch.no_grad():
             self.fc.bias.copy_(torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 0.0]))
 
-    def transform(self, x: Tensor, magnitude: Tensor) -> Tensor:
+    def theta(self, magnitude: Tensor) -> Tensor:
+        """(B, 2, 3) maps in grid_sample's [-1, 1] coordinates, as ``F.affine_grid`` takes them."""
         m = magnitude.to(self.fc.weight.dtype).unsqueeze(1)
-        theta = self.fc(torch.cat([self.theta_e.expand(m.shape[0], -1), m], dim=1)).view(-1, 2, 3).to(x.dtype)
-        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-        return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        return self.fc(torch.cat([self.theta_e.expand(m.shape[0], -1), m], dim=1)).view(-1, 2, 3)
+
+    def matrices(self, magnitude: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """``theta`` in ``warp``'s terms for images of ``size`` (H, W): the grid of ``F.affine_grid(theta)``,
+        built the way every affine op builds its grid, so the augmenter warps all of them in one call."""
+        theta = self.theta(magnitude)
+        aspect = size[0] / size[1]
+        linear = theta[:, :, :2] / theta.new_tensor([[1.0, aspect], [1.0 / aspect, 1.0]])
+        return linear, theta[:, :, 2] / 2
+
+    def transform(self, x: Tensor, magnitude: Tensor) -> Tensor:
+        return warp(x, *self.matrices(magnitude, x.shape[-2:]))
 
 
 class PaperColorEncoder(MetaEncoder):

@@ -130,14 +130,19 @@ def solarize(x: Tensor, threshold: Tensor) -> Tensor:
 def equalize(x: Tensor) -> Tensor:
     """PIL's ImageOps.equalize per image and channel, batched (kornia's loops over images)."""
     b, c, h, w = x.shape
-    levels = torch.round(x.detach() * 255).long().clamp(0, 255).view(b * c, h * w)
-    hist = torch.zeros(b * c, 256, dtype=torch.long, device=x.device).scatter_add_(1, levels, torch.ones_like(levels))
-    last_used = torch.where(hist > 0, torch.arange(256, device=x.device), -1).amax(dim=1, keepdim=True)
-    step = (h * w - hist.gather(1, last_used)) // 255
+    levels = torch.round(x.detach() * 255).long().clamp_(0, 255).view(b * c, h * w)
+    # The histogram and look-up table hold integers; in floating point (exact below 2**24 pixels per channel) their
+    # arithmetic is cheaper than in int64, and the table maps straight to values in [0, 1].
+    counts = torch.float32 if h * w < 2**24 else torch.float64
+    hist = torch.zeros(b * c, 256, dtype=counts, device=x.device)
+    hist.scatter_add_(1, levels, hist.new_ones(1, 1).expand_as(levels))
+    last_used = hist.gather(1, (hist > 0).cumsum(dim=1).argmax(dim=1, keepdim=True))
+    step = torch.div(h * w - last_used, 255, rounding_mode="floor")
     before = hist.cumsum(dim=1) - hist
-    lut = ((before + step // 2) // step.clamp(min=1)).clamp(max=255)
-    out = (lut.gather(1, levels).to(x.dtype) / 255).view(b, c, h, w)
-    return torch.where((step == 0).view(b, c, 1, 1), x, out)
+    lut = torch.div(before + torch.div(step, 2, rounding_mode="floor"), step.clamp(min=1), rounding_mode="floor")
+    out = lut.clamp_(max=255).div_(255).to(x.dtype).gather(1, levels).view(b, c, h, w)
+    unchanged = step == 0  # a channel of one level (or of one level and a single other pixel): PIL returns it as is
+    return torch.where(unchanged.view(b, c, 1, 1), x, out) if bool(unchanged.any()) else out
 
 
 def invert(x: Tensor) -> Tensor:
@@ -176,6 +181,7 @@ class OpSpec:
         reference: the exact op, ``reference(x, magnitude, position)``.
         encoder: the family of the default meta-encoder ("blend", "staircase", "threshold", "affine"; "" if none).
         degenerate: for PIL-style blends, the image the op blends away from (black, gray, mean, blur).
+        geometry: for affine ops, magnitude (B,) -> (linear (B, 2, 2), shift (B, 2)), the arguments of ``warp``.
     """
 
     name: str
@@ -186,6 +192,7 @@ class OpSpec:
     reference: Reference
     encoder: str = ""
     degenerate: Callable[[Tensor], Tensor] | None = None
+    geometry: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None
 
     @property
     def has_magnitude(self) -> bool:
@@ -250,11 +257,14 @@ def _tone(name: str, parameter: Callable, parameter_range: str, kernel: Callable
 
 
 def _affine(name: str, parameter: Callable, parameter_range: str, linear: Callable, shift: Callable) -> OpSpec:
-    def reference(x: Tensor, m: Tensor, _: Tensor) -> Tensor:
-        p = parameter(m.to(x.dtype))
-        return warp(x, linear(p), shift(p))
+    def geometry(m: Tensor) -> tuple[Tensor, Tensor]:
+        p = parameter(m)
+        return linear(p), shift(p)
 
-    return OpSpec(name, "affine", True, parameter, parameter_range, reference, "affine")
+    def reference(x: Tensor, m: Tensor, _: Tensor) -> Tensor:
+        return warp(x, *geometry(m.to(x.dtype)))
+
+    return OpSpec(name, "affine", True, parameter, parameter_range, reference, "affine", geometry=geometry)
 
 
 def _fixed(name: str, kernel: Callable[[Tensor, Tensor], Tensor]) -> OpSpec:

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from .encoders import MetaEncoder
 from .errors import DiffAugError, check_images, check_names
-from .ops import get_op, op_names
+from .ops import get_op, op_names, warp
 
 __all__ = ["PolicyAugmenter", "PolicySample", "ReferencePolicy", "relaxed_bernoulli"]
 
@@ -152,6 +152,11 @@ class _Policy(nn.Module):
         self.register_buffer("_has_magnitude", torch.tensor(has_magnitude, dtype=torch.bool), persistent=False)
         signed = [get_op(n).signed for n in self.magnitude_ops]
         self.register_buffer("_signed", torch.tensor(signed, dtype=torch.bool), persistent=False)
+        # Columns transformed together (see _render): every affine op in one group, each other op on its own. The
+        # table lists the affine ops next to each other, and self.ops keeps table order.
+        affine = tuple(k for k, n in enumerate(self.ops) if get_op(n).kind == "affine")
+        others = [(k,) for k, n in enumerate(self.ops) if get_op(n).kind != "affine"]
+        self._groups = tuple(sorted(others + ([affine] if affine else [])))
         self._set_normalisation(mean, std)
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
 
@@ -226,22 +231,59 @@ class _Policy(nn.Module):
             )
         sample = sample.to(images.device)
         images = self._unnormalise(images)
-        out = images.clone()  # accumulates x + sum of gated residuals in place: no full-batch temporaries
         still = self._has_magnitude & (sample.magnitudes.abs() < _NEGLIGIBLE)
         active = sample.selected & (sample.gates >= _NEGLIGIBLE) & ~still
-        for k, name in enumerate(self.ops):
-            index = active[:, k].nonzero().squeeze(1)
-            if index.numel() == 0:
+        # The (op, image) pairs to compute, op by op, found at once (one host sync, not one per op). Each group of
+        # ops gathers its images, transforms them in one call and adds its gated residuals back.
+        op_index, image_index = active.t().nonzero(as_tuple=True)
+        counts = active.sum(0).tolist()
+        out = images.clone()  # accumulates x + sum of gated residuals in place: no full-batch temporaries
+        start = 0
+        for columns in self._groups:
+            sizes = [counts[k] for k in columns]
+            pairs = slice(start, start + sum(sizes))
+            start = pairs.stop
+            if pairs.stop == pairs.start:
                 continue
+            index, ops = image_index[pairs], op_index[pairs]
             part = images.index_select(0, index)
-            gate = sample.gates[index, k].to(images.dtype).view(-1, 1, 1, 1)
-            changed = self._transform(name, part, sample.magnitudes[index, k], sample.positions[index])
+            names = [self.ops[k] for k in columns]
+            changed = self._transform(names, sizes, part, sample.magnitudes[index, ops], sample.positions[index])
+            gate = sample.gates[index, ops].to(images.dtype).view(-1, 1, 1, 1)
             out.index_add_(0, index, gate * (changed - part))
         out = self._normalise(F.hardtanh_(out, 0.0, 1.0))  # clip01, in place
         return out.squeeze(0) if unbatched else out
 
-    def _transform(self, name: str, x: Tensor, magnitude: Tensor, position: Tensor) -> Tensor:
+    def _transform(self, names: list[str], sizes: list[int], x: Tensor, magnitude: Tensor, position: Tensor) -> Tensor:
+        """One group's output: ``sizes[i]`` consecutive images of ``x`` go through op ``names[i]``."""
         raise NotImplementedError  # pragma: no cover
+
+    @staticmethod
+    def _render(
+        names: list[str],
+        sizes: list[int],
+        x: Tensor,
+        magnitude: Tensor,
+        position: Tensor,
+        encoders: Mapping[str, MetaEncoder] | None = None,
+    ) -> Tensor:
+        """One group through its meta-encoders, or through the reference ops if ``encoders`` is None. A group is one
+        op, or every affine op in use: those differ only in their matrices, so they share one grid_sample call."""
+        spec = get_op(names[0])
+        if spec.kind == "affine":
+            matrices = []
+            for name, m in zip(names, magnitude.split(sizes), strict=True):
+                if m.numel() == 0:
+                    continue
+                if encoders is None:
+                    matrices.append(get_op(name).geometry(m.to(x.dtype)))  # type: ignore[misc]
+                else:
+                    matrices.append(encoders[name].matrices(m, x.shape[-2:]))
+            linear, shift = (torch.cat(t) for t in zip(*matrices, strict=True))
+            return warp(x, linear, shift)
+        if encoders is None or not spec.has_magnitude:
+            return spec.reference(x, magnitude, position)
+        return encoders[spec.name].transform(x, magnitude)
 
     # ----------------------------------------------------------------------------------------------------------
     # Normalisation
@@ -408,15 +450,14 @@ class PolicyAugmenter(_Policy):
 
     _setting_names = (*_Policy._setting_names, "forward")
 
-    def _transform(self, name: str, x: Tensor, magnitude: Tensor, position: Tensor) -> Tensor:
-        spec = get_op(name)
-        if not spec.has_magnitude:
-            return spec.reference(x, magnitude, position)
+    def _transform(self, names: list[str], sizes: list[int], x: Tensor, magnitude: Tensor, position: Tensor) -> Tensor:
+        if not get_op(names[0]).has_magnitude:
+            return self._render(names, sizes, x, magnitude, position)
         needs_encoder = self.forward_mode == "encoder" or (torch.is_grad_enabled() and magnitude.requires_grad)
-        encoded = self.encoders[name].transform(x, magnitude) if needs_encoder else None
+        encoded = self._render(names, sizes, x, magnitude, position, self.encoders) if needs_encoder else None
         if self.forward_mode == "encoder":
-            return encoded
-        exact = spec.reference(x, magnitude.detach(), position)
+            return encoded  # type: ignore[return-value]
+        exact = self._render(names, sizes, x, magnitude.detach(), position)
         return exact if encoded is None else exact + (encoded - encoded.detach())
 
     def settings(self) -> dict[str, Any]:
@@ -447,8 +488,8 @@ class ReferencePolicy(_Policy):
     def relaxed(self) -> bool:
         return False
 
-    def _transform(self, name: str, x: Tensor, magnitude: Tensor, position: Tensor) -> Tensor:
-        return get_op(name).reference(x, magnitude, position)
+    def _transform(self, names: list[str], sizes: list[int], x: Tensor, magnitude: Tensor, position: Tensor) -> Tensor:
+        return self._render(names, sizes, x, magnitude, position)
 
 
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:

@@ -410,3 +410,17 @@ def test_autocast_keeps_the_encoders_coefficients_in_float32(images: torch.Tenso
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = aug.apply(images, sample)
     torch.testing.assert_close(out.float(), expected, atol=1e-5, rtol=0)
+
+
+def test_grouped_affine_ops_equal_eq5_with_one_op_at_a_time(images: torch.Tensor) -> None:
+    """All affine ops of a batch go through one warp; the output must be Eq. 5 with each op applied on its own."""
+    affine = [n for n in OPS if get_op(n).kind == "affine"]
+    reference = PolicyAugmenter(ops=affine + ["Invert"], n_ops=4, seed=0).to_reference()
+    sample = reference.sample(len(images))
+    expected = images.clone()
+    for k, name in enumerate(sample.ops):
+        change = apply_op(name, images, sample.magnitudes[:, k]) - images
+        expected += sample.gates[:, k].view(-1, 1, 1, 1) * change
+    # Grid coordinates are float32 whichever way they are batched; a few ulps.
+    torch.testing.assert_close(reference.apply(images, sample), expected.clamp(0, 1), atol=1e-5, rtol=0)
+    assert int((sample.gates[:, : len(affine)] > 0).sum()) >= 2 * len(images) // 2  # several affine ops did apply
