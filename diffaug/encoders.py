@@ -54,7 +54,11 @@ class MagnitudeNet(nn.Module):
 
 
 class MetaEncoder(nn.Module):
-    """Base of all encoders: validates at the boundary, then calls ``transform`` on a (B, C, H, W) batch."""
+    """Base of all encoders: validates at the boundary, then calls ``transform`` on a (B, C, H, W) batch.
+
+    Encoders of affine ops also have ``matrices(magnitude, size)``, the (B, 2, 2) linear maps and (B, 2) shifts
+    that ``transform`` passes to ``diffaug.ops.warp``: PolicyAugmenter warps all affine ops of a batch in one call.
+    """
 
     def __init__(self, op: str, arch: str) -> None:
         super().__init__()
@@ -99,9 +103,9 @@ class _SurrogateStep(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
         value, position = ctx.saved_tensors
         inside = (value - position).abs_() < ctx.surrogate / 2
-        slope = grad * inside / ctx.surrogate
-        grad_value = slope.sum_to_size(value.shape) if ctx.needs_input_grad[0] else None
-        grad_position = -slope.sum_to_size(position.shape) if ctx.needs_input_grad[1] else None
+        masked = grad * inside  # the slope 1 / surrogate is applied after summing, on the small tensors
+        grad_value = masked.sum_to_size(value.shape) / ctx.surrogate if ctx.needs_input_grad[0] else None
+        grad_position = masked.sum_to_size(position.shape) / -ctx.surrogate if ctx.needs_input_grad[1] else None
         return grad_value, grad_position, None, None
 
 

@@ -515,4 +515,11 @@ def _resolve_encoders(
             f"priors must hold an encoder for every magnitude op in use; {priors!r} is missing {missing} "
             "(fit them with `diffaug fit-priors --ops ...`, or pass ops= without them)"
         )
+    for name in names:
+        if get_op(name).kind == "affine" and not callable(getattr(encoders[name], "matrices", None)):
+            raise DiffAugError(
+                f"the encoder of an affine op must have matrices(magnitude, size) -> (linear, shift), as "
+                f"diffaug.encoders.AffineEncoder: the augmenter warps all affine ops at once; {name}'s encoder is a "
+                f"{type(encoders[name]).__name__} without it"
+            )
     return {n: encoders[n] for n in names}

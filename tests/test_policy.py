@@ -412,15 +412,29 @@ def test_autocast_keeps_the_encoders_coefficients_in_float32(images: torch.Tenso
     torch.testing.assert_close(out.float(), expected, atol=1e-5, rtol=0)
 
 
-def test_grouped_affine_ops_equal_eq5_with_one_op_at_a_time(images: torch.Tensor) -> None:
+@pytest.mark.parametrize("seed", range(5))
+def test_grouped_affine_ops_equal_eq5_with_one_op_at_a_time(images: torch.Tensor, seed: int) -> None:
     """All affine ops of a batch go through one warp; the output must be Eq. 5 with each op applied on its own."""
     affine = [n for n in OPS if get_op(n).kind == "affine"]
-    reference = PolicyAugmenter(ops=affine + ["Invert"], n_ops=4, seed=0).to_reference()
-    sample = reference.sample(len(images))
+    reference = PolicyAugmenter(ops=affine + ["Invert"], n_ops=4).to_reference()
+    sample = reference.sample(len(images), generator=torch.Generator().manual_seed(seed))
     expected = images.clone()
     for k, name in enumerate(sample.ops):
         change = apply_op(name, images, sample.magnitudes[:, k]) - images
         expected += sample.gates[:, k].view(-1, 1, 1, 1) * change
     # Grid coordinates are float32 whichever way they are batched; a few ulps.
     torch.testing.assert_close(reference.apply(images, sample), expected.clamp(0, 1), atol=1e-5, rtol=0)
-    assert int((sample.gates[:, : len(affine)] > 0).sum()) >= 2 * len(images) // 2  # several affine ops did apply
+    assert int((sample.gates[:, : len(affine)] > 0).any(0).sum()) >= 2  # several affine ops shared the warp
+
+
+def test_an_affine_encoder_without_matrices_is_refused_at_construction() -> None:
+    from diffaug.encoders import MetaEncoder
+
+    class OnlyTransform(MetaEncoder):
+        def transform(self, x: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+            return x
+
+    with pytest.raises(DiffAugError, match=r"affine op must have matrices.*Rotate's encoder is a OnlyTransform"):
+        PolicyAugmenter(ops=["Rotate"], priors={"Rotate": OnlyTransform("Rotate", "default")})
+    # A colour op needs only transform.
+    PolicyAugmenter(ops=["Brightness"], priors={"Brightness": OnlyTransform("Brightness", "default")})
