@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from .errors import DiffAugError, check_images, check_magnitude
 from .ops import clip01, get_op, warp
 
-__all__ = ["ARCHS", "MetaEncoder", "build_encoder", "freeze"]
+__all__ = ["ARCHS", "MagnitudeNetStack", "MetaEncoder", "build_encoder", "freeze"]
 
 ARCHS = ("default", "paper")
 
@@ -53,11 +53,59 @@ class MagnitudeNet(nn.Module):
         return torch.addmm(torch.addmm(self.linear.bias + last.bias, m, self.linear.weight.t()), hidden, last.weight.t())
 
 
+class MagnitudeNetStack:
+    """Several frozen MagnitudeNets evaluated in one pass: row i of the output is ``nets[which[i]](magnitude[i])``,
+    zero-padded to the widest net; ``which == len(nets)`` gives a row of zeros.
+
+    An augmenter runs ten such nets per batch, a dozen kernels each; at 32 px that launch overhead is a tenth of
+    a Stage II step, and one pass over all pairs removes most of it. The stacked weights are kept between calls
+    and rebuilt when any weight is replaced or written to (``.to()``, ``load_state_dict``: a new storage or a new
+    version of the tensor). They are detached: the nets must be frozen.
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple = ()
+        self._weights: tuple[Tensor, ...] = ()
+
+    def __call__(self, nets: list[MagnitudeNet], magnitude: Tensor, which: Tensor) -> Tensor:
+        if torch.is_autocast_enabled(magnitude.device.type):  # float32 coefficients, as MagnitudeNet
+            with torch.autocast(magnitude.device.type, enabled=False):
+                return self(nets, magnitude, which)
+        tensors = [t for net in nets for layer in (net.linear, net.hidden[0], net.hidden[2]) for t in (layer.weight, layer.bias)]
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+        if key != self._key:
+            self._weights, self._key = self._stack(nets), key
+        first_weight, first_bias, last_weight, bias, linear_weight = (w[which] for w in self._weights)
+        m = magnitude.to(first_weight.dtype).unsqueeze(1)
+        hidden = torch.tanh(torch.addcmul(first_bias, m, first_weight))
+        return torch.addcmul(bias, m, linear_weight) + torch.bmm(last_weight, hidden.unsqueeze(2)).squeeze(2)
+
+    @staticmethod
+    def _stack(nets: list[MagnitudeNet]) -> tuple[Tensor, ...]:
+        width = max(net.hidden[0].out_features for net in nets)
+        out = max(net.linear.out_features for net in nets)
+        rows = []
+        for net in nets:
+            first, _, last = net.hidden
+            h, o = width - first.out_features, out - net.linear.out_features
+            rows.append((
+                F.pad(first.weight[:, 0], (0, h)),
+                F.pad(first.bias, (0, h)),
+                F.pad(last.weight, (0, h, 0, o)),
+                F.pad(net.linear.bias + last.bias, (0, o)),
+                F.pad(net.linear.weight[:, 0], (0, o)),
+            ))
+        # Padding is exact: tanh(0) = 0 meets zero weights. The last row, all zeros, stands for "no net".
+        return tuple(torch.cat([torch.stack(t), torch.zeros_like(t[0]).unsqueeze(0)]).detach() for t in zip(*rows))
+
+
 class MetaEncoder(nn.Module):
     """Base of all encoders: validates at the boundary, then calls ``transform`` on a (B, C, H, W) batch.
 
-    Encoders of affine ops also have ``matrices(magnitude, size)``, the (B, 2, 2) linear maps and (B, 2) shifts
-    that ``transform`` passes to ``diffaug.ops.warp``: PolicyAugmenter warps all affine ops of a batch in one call.
+    Encoders of affine ops also have ``matrices(magnitude, size, coefficients=None)``, the (B, 2, 2) linear maps and
+    (B, 2) shifts that ``transform`` passes to ``diffaug.ops.warp``: PolicyAugmenter warps all affine ops of a batch
+    in one call. ``coefficients``, where an encoder takes them, is ``magnitude_net()(magnitude)`` computed by the
+    caller (see ``MagnitudeNetStack``).
     """
 
     def __init__(self, op: str, arch: str) -> None:
@@ -74,8 +122,12 @@ class MetaEncoder(nn.Module):
         out = self.transform(batch, magnitude.to(batch.device))
         return out.squeeze(0) if unbatched else out
 
-    def transform(self, x: Tensor, magnitude: Tensor) -> Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def transform(self, x: Tensor, magnitude: Tensor, coefficients: Tensor | None = None) -> Tensor:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def magnitude_net(self) -> MagnitudeNet | None:
+        """The network of m alone, if the encoder has one (its output is what ``coefficients`` stands for)."""
+        return None
 
     def extra_repr(self) -> str:
         return f"op={self.op!r}, arch={self.arch!r}"
@@ -128,8 +180,12 @@ class BlendEncoder(MetaEncoder):
         self.degenerate = get_op(op).degenerate
         self.coefficients = MagnitudeNet(3)
 
-    def transform(self, x: Tensor, magnitude: Tensor) -> Tensor:
-        a, b, c = (magnitude.unsqueeze(1) * self.coefficients(magnitude)).to(x.dtype).view(-1, 3, 1, 1, 1).unbind(1)
+    def magnitude_net(self) -> MagnitudeNet:
+        return self.coefficients
+
+    def transform(self, x: Tensor, magnitude: Tensor, coefficients: Tensor | None = None) -> Tensor:
+        coefficients = self.coefficients(magnitude) if coefficients is None else coefficients[:, :3]
+        a, b, c = (magnitude.unsqueeze(1) * coefficients).to(x.dtype).view(-1, 3, 1, 1, 1).unbind(1)
         # c + b D first: for Brightness and Contrast D is one value per image, and so is this sum, which leaves
         # one full-size multiply-add (and its backward) instead of two.
         return clip01(torch.addcmul(torch.addcmul(c, self.degenerate(x), b), x, 1 + a))
@@ -159,7 +215,7 @@ class StaircaseEncoder(MetaEncoder):
         bit_values = torch.stack([(levels >> k) & 1 for k in range(self.bits)], dim=1) * 2.0 ** torch.arange(self.bits)
         self.register_buffer("bit_values", bit_values / 255, persistent=False)
 
-    def transform(self, x: Tensor, magnitude: Tensor) -> Tensor:
+    def transform(self, x: Tensor, magnitude: Tensor, coefficients: Tensor | None = None) -> Tensor:
         width = self.min_width + F.softplus(self.width)
         centre = F.softplus(self.start) + width / 2
         surrogate = None if self.training else self.surrogate_width
@@ -188,8 +244,12 @@ class ThresholdEncoder(MetaEncoder):
         self.depth = MagnitudeNet(1, hidden=8)
         self.width = nn.Parameter(torch.zeros(()))
 
-    def transform(self, x: Tensor, magnitude: Tensor) -> Tensor:
-        tau = (256 / 255 - magnitude * self.depth(magnitude).squeeze(1)).to(x.dtype).view(-1, 1, 1, 1)
+    def magnitude_net(self) -> MagnitudeNet:
+        return self.depth
+
+    def transform(self, x: Tensor, magnitude: Tensor, coefficients: Tensor | None = None) -> Tensor:
+        depth = self.depth(magnitude) if coefficients is None else coefficients
+        tau = (256 / 255 - magnitude * depth[:, 0]).to(x.dtype).view(-1, 1, 1, 1)
         width = ((0.25 + 1.75 * torch.sigmoid(self.width)) / 255).to(x.dtype)
         surrogate = None if self.training else self.surrogate_width
         return torch.addcmul(x, _step(x, tau, width, surrogate), 1 - 2 * x)
@@ -202,14 +262,19 @@ class AffineEncoder(MetaEncoder):
         super().__init__(op, "default")
         self.coefficients = MagnitudeNet(6, hidden=32)
 
-    def matrices(self, magnitude: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    def magnitude_net(self) -> MagnitudeNet:
+        return self.coefficients
+
+    def matrices(
+        self, magnitude: Tensor, size: tuple[int, int], coefficients: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """The arguments of ``warp``: (B, 2, 2) linear maps and (B, 2) shifts; resolution-free (``size`` unused)."""
-        c = magnitude.unsqueeze(1) * self.coefficients(magnitude)
+        c = magnitude.unsqueeze(1) * (self.coefficients(magnitude) if coefficients is None else coefficients[:, :6])
         linear = torch.eye(2, device=c.device, dtype=c.dtype) + c[:, :4].view(-1, 2, 2)
         return linear, c[:, 4:]
 
-    def transform(self, x: Tensor, magnitude: Tensor) -> Tensor:
-        return warp(x, *self.matrices(magnitude, x.shape[-2:]))
+    def transform(self, x: Tensor, magnitude: Tensor, coefficients: Tensor | None = None) -> Tensor:
+        return warp(x, *self.matrices(magnitude, x.shape[-2:], coefficients))
 
 
 class PaperAffineEncoder(MetaEncoder):
@@ -228,7 +293,9 @@ class PaperAffineEncoder(MetaEncoder):
         m = magnitude.to(self.fc.weight.dtype).unsqueeze(1)
         return self.fc(torch.cat([self.theta_e.expand(m.shape[0], -1), m], dim=1)).view(-1, 2, 3)
 
-    def matrices(self, magnitude: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    def matrices(
+        self, magnitude: Tensor, size: tuple[int, int], coefficients: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """``theta`` in ``warp``'s terms for images of ``size`` (H, W): the grid of ``F.affine_grid(theta)``,
         built the way every affine op builds its grid, so the augmenter warps all of them in one call."""
         theta = self.theta(magnitude)
@@ -236,7 +303,7 @@ class PaperAffineEncoder(MetaEncoder):
         linear = theta[:, :, :2] / theta.new_tensor([[1.0, aspect], [1.0 / aspect, 1.0]])
         return linear, theta[:, :, 2] / 2
 
-    def transform(self, x: Tensor, magnitude: Tensor) -> Tensor:
+    def transform(self, x: Tensor, magnitude: Tensor, coefficients: Tensor | None = None) -> Tensor:
         return warp(x, *self.matrices(magnitude, x.shape[-2:]))
 
 
@@ -255,7 +322,7 @@ class PaperColorEncoder(MetaEncoder):
             self.conv.weight[range(3), range(3), 1, 1] = 1.0
             self.conv.bias.zero_()
 
-    def transform(self, x: Tensor, magnitude: Tensor) -> Tensor:
+    def transform(self, x: Tensor, magnitude: Tensor, coefficients: Tensor | None = None) -> Tensor:
         m = magnitude.to(self.fc.weight.dtype).unsqueeze(1)
         scale, shift = self.fc(torch.cat([self.theta_e.expand(m.shape[0], -1), m], dim=1)).to(x.dtype).unbind(1)
         channels = x.shape[1]

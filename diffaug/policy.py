@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .encoders import MetaEncoder
+from .encoders import MagnitudeNetStack, MetaEncoder
 from .errors import DiffAugError, check_images, check_names
 from .ops import get_op, op_names, warp
 
@@ -237,6 +237,9 @@ class _Policy(nn.Module):
         # ops gathers its images, transforms them in one call and adds its gated residuals back.
         op_index, image_index = active.t().nonzero(as_tuple=True)
         counts = active.sum(0).tolist()
+        magnitudes = sample.magnitudes[image_index, op_index]
+        gates = sample.gates[image_index, op_index].to(images.dtype).view(-1, 1, 1, 1)
+        coefficients = self._coefficients(magnitudes, op_index)
         out = images.clone()  # accumulates x + sum of gated residuals in place: no full-batch temporaries
         start = 0
         for columns in self._groups:
@@ -245,16 +248,25 @@ class _Policy(nn.Module):
             start = pairs.stop
             if pairs.stop == pairs.start:
                 continue
-            index, ops = image_index[pairs], op_index[pairs]
+            index = image_index[pairs]
             part = images.index_select(0, index)
             names = [self.ops[k] for k in columns]
-            changed = self._transform(names, sizes, part, sample.magnitudes[index, ops], sample.positions[index])
-            gate = sample.gates[index, ops].to(images.dtype).view(-1, 1, 1, 1)
-            out.index_add_(0, index, gate * (changed - part))
+            group_coefficients = None if coefficients is None else coefficients[pairs]
+            changed = self._transform(
+                names, sizes, part, magnitudes[pairs], sample.positions[index], group_coefficients
+            )
+            out.index_add_(0, index, gates[pairs] * (changed - part))
         out = self._normalise(F.hardtanh_(out, 0.0, 1.0))  # clip01, in place
         return out.squeeze(0) if unbatched else out
 
-    def _transform(self, names: list[str], sizes: list[int], x: Tensor, magnitude: Tensor, position: Tensor) -> Tensor:
+    def _coefficients(self, magnitude: Tensor, columns: Tensor) -> Tensor | None:
+        """The encoders' networks of m for every pair (magnitude, op column), if the subclass has them."""
+        return None
+
+    def _transform(
+        self, names: list[str], sizes: list[int], x: Tensor, magnitude: Tensor, position: Tensor,
+        coefficients: Tensor | None,
+    ) -> Tensor:
         """One group's output: ``sizes[i]`` consecutive images of ``x`` go through op ``names[i]``."""
         raise NotImplementedError  # pragma: no cover
 
@@ -266,24 +278,27 @@ class _Policy(nn.Module):
         magnitude: Tensor,
         position: Tensor,
         encoders: Mapping[str, MetaEncoder] | None = None,
+        coefficients: Tensor | None = None,
     ) -> Tensor:
         """One group through its meta-encoders, or through the reference ops if ``encoders`` is None. A group is one
-        op, or every affine op in use: those differ only in their matrices, so they share one grid_sample call."""
+        op, or every affine op in use: those differ only in their matrices, so they share one grid_sample call.
+        ``coefficients`` are the encoders' networks of m, already evaluated (``MagnitudeNetStack``), or None."""
         spec = get_op(names[0])
         if spec.kind == "affine":
             matrices = []
-            for name, m in zip(names, magnitude.split(sizes), strict=True):
+            pieces = coefficients.split(sizes) if coefficients is not None else [None] * len(sizes)
+            for name, m, c in zip(names, magnitude.split(sizes), pieces, strict=True):
                 if m.numel() == 0:
                     continue
                 if encoders is None:
                     matrices.append(get_op(name).geometry(m.to(x.dtype)))  # type: ignore[misc]
                 else:
-                    matrices.append(encoders[name].matrices(m, x.shape[-2:]))
+                    matrices.append(encoders[name].matrices(m, x.shape[-2:], c))
             linear, shift = (torch.cat(t) for t in zip(*matrices, strict=True))
             return warp(x, linear, shift)
         if encoders is None or not spec.has_magnitude:
             return spec.reference(x, magnitude, position)
-        return encoders[spec.name].transform(x, magnitude)
+        return encoders[spec.name].transform(x, magnitude, coefficients)
 
     # ----------------------------------------------------------------------------------------------------------
     # Normalisation
@@ -447,14 +462,32 @@ class PolicyAugmenter(_Policy):
         _check_choice("forward", forward, ("encoder", "reference"))
         self.forward_mode = forward
         self.encoders = nn.ModuleDict(_resolve_encoders(priors, arch, self.magnitude_ops))
+        # The encoders' networks of m run for all pairs of a batch in one pass; ops without one (no magnitude, or
+        # an encoder without a MagnitudeNet) point at the stack's row of zeros.
+        with_net = [n for n in self.magnitude_ops if self.encoders[n].magnitude_net() is not None]
+        net_of_column = [with_net.index(n) if n in with_net else len(with_net) for n in self.ops]
+        self.register_buffer("_net_of_column", torch.tensor(net_of_column, dtype=torch.long), persistent=False)
+        self._magnitude_nets = MagnitudeNetStack()
 
     _setting_names = (*_Policy._setting_names, "forward")
 
-    def _transform(self, names: list[str], sizes: list[int], x: Tensor, magnitude: Tensor, position: Tensor) -> Tensor:
+    def _needs_encoders(self, magnitude: Tensor) -> bool:
+        return self.forward_mode == "encoder" or (torch.is_grad_enabled() and magnitude.requires_grad)
+
+    def _coefficients(self, magnitude: Tensor, columns: Tensor) -> Tensor | None:
+        nets = [net for net in (self.encoders[n].magnitude_net() for n in self.magnitude_ops) if net is not None]
+        if not nets or not self._needs_encoders(magnitude):
+            return None
+        return self._magnitude_nets(nets, magnitude, self._net_of_column[columns])
+
+    def _transform(
+        self, names: list[str], sizes: list[int], x: Tensor, magnitude: Tensor, position: Tensor,
+        coefficients: Tensor | None,
+    ) -> Tensor:
         if not get_op(names[0]).has_magnitude:
             return self._render(names, sizes, x, magnitude, position)
-        needs_encoder = self.forward_mode == "encoder" or (torch.is_grad_enabled() and magnitude.requires_grad)
-        encoded = self._render(names, sizes, x, magnitude, position, self.encoders) if needs_encoder else None
+        needs_encoder = self._needs_encoders(magnitude)
+        encoded = self._render(names, sizes, x, magnitude, position, self.encoders, coefficients) if needs_encoder else None
         if self.forward_mode == "encoder":
             return encoded  # type: ignore[return-value]
         exact = self._render(names, sizes, x, magnitude.detach(), position)
@@ -488,7 +521,10 @@ class ReferencePolicy(_Policy):
     def relaxed(self) -> bool:
         return False
 
-    def _transform(self, names: list[str], sizes: list[int], x: Tensor, magnitude: Tensor, position: Tensor) -> Tensor:
+    def _transform(
+        self, names: list[str], sizes: list[int], x: Tensor, magnitude: Tensor, position: Tensor,
+        coefficients: Tensor | None,
+    ) -> Tensor:
         return self._render(names, sizes, x, magnitude, position)
 
 

@@ -1,5 +1,5 @@
-"""Encoder internals that the augmenter relies on: the paper's spatial transformer in warp's terms, and the
-straight-through steps of Posterize and Solarize."""
+"""Encoder internals that the augmenter relies on: the paper's spatial transformer in warp's terms, the
+straight-through steps of Posterize and Solarize, and the encoders' networks of m evaluated in one pass."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffaug.encoders import PaperAffineEncoder, _ramp, _step
+from diffaug import PolicyAugmenter
+from diffaug.encoders import MagnitudeNet, MagnitudeNetStack, PaperAffineEncoder, _ramp, _step, freeze
+from diffaug.ops import get_op
 
 
 @pytest.mark.parametrize("size", [(32, 32), (24, 40)])
@@ -48,3 +50,50 @@ def test_step_without_surrogate_is_the_ramp_with_its_own_gradient() -> None:
     (grad,) = torch.autograd.grad(out.sum(), position)
     # d/dp of clip((v - p) / w + 1/2) is -1/w on the 10 samples within w / 2 of p (0.455 ... 0.545).
     assert float(grad) == pytest.approx(-10 / 0.1)
+
+
+def test_magnitude_net_stack_equals_each_net_and_follows_weight_changes() -> None:
+    torch.manual_seed(0)
+    nets = [MagnitudeNet(3), MagnitudeNet(1, hidden=8), MagnitudeNet(6, hidden=32)]
+    for net in nets:
+        with torch.no_grad():
+            net.hidden[2].weight.normal_(0, 0.5)
+    stack = MagnitudeNetStack()
+    m = torch.linspace(-1, 1, 9)
+    which = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 2])  # 3: the row of zeros
+    out = stack(nets, m, which)
+    assert out.shape == (9, 6)
+    for i in range(9):
+        expected = torch.zeros(6) if which[i] == 3 else nets[which[i]](m[i : i + 1])[0]
+        # float32; the padded hidden units add exact zeros, the sums differ only in order: a few ulps.
+        torch.testing.assert_close(out[i, : expected.numel()], expected, atol=1e-6, rtol=0)
+        torch.testing.assert_close(out[i, expected.numel() :], torch.zeros(6 - expected.numel()))
+    # A frozen net written in place (as load_state_dict does) is seen on the next call.
+    frozen = freeze(nets[0])  # MagnitudeNet is an nn.Module; freeze turns its parameters into buffers
+    with torch.no_grad():
+        frozen.linear.bias.add_(1.0)
+    torch.testing.assert_close(stack(nets, m, which)[0, :3], nets[0](m[:1])[0], atol=1e-6, rtol=0)
+
+
+def test_augmenter_with_batched_nets_equals_eq5_with_each_encoder_alone(images: torch.Tensor) -> None:
+    """PolicyAugmenter evaluates all encoders' networks of m in one pass (MagnitudeNetStack) and warps all affine
+    ops at once; the output and the logits' gradients must be those of Eq. 5 written with each encoder alone."""
+    aug = PolicyAugmenter(seed=0)
+    sample = aug.sample(len(images))
+    got = aug.apply(images, sample)
+    expected = images.clone()
+    for k, name in enumerate(sample.ops):
+        m = sample.magnitudes[:, k]
+        spec = get_op(name)
+        changed = aug.encoders[name](images, m) if spec.has_magnitude else spec.reference(images, m, sample.positions)
+        # The augmenter skips pairs whose gate or magnitude is below 1e-6 (their share is below a millionth).
+        kept = (sample.gates[:, k] >= 1e-6) & ((m.abs() >= 1e-6) | (not spec.has_magnitude))
+        expected = expected + (kept * sample.gates[:, k]).view(-1, 1, 1, 1) * (changed - images)
+    expected = expected.clamp(0, 1)
+    # float32 throughout; the batched nets and the grouped warp sum in another order: a few ulps.
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    logits = [aug.probability_logits, aug.magnitude_logits]
+    grads = torch.autograd.grad(got.square().sum(), logits, retain_graph=True)  # the sample is shared
+    grads_expected = torch.autograd.grad(expected.square().sum(), logits)
+    for g, e in zip(grads, grads_expected, strict=True):
+        torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-3)
