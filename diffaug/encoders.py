@@ -45,12 +45,12 @@ class MagnitudeNet(nn.Module):
         if torch.is_autocast_enabled(m.device.type):
             with torch.autocast(m.device.type, enabled=False):
                 return self.forward(m)
-        # The layers' functional form, three kernels: an augmenter calls this once per op and batch, so at small
-        # image sizes the launches, not the arithmetic, are what it costs.
+        # The layers' functional form, three kernels and no module calls: at small sizes launches are the cost.
         first, _, last = self.hidden
         m = m.to(first.weight.dtype).unsqueeze(1)
         hidden = torch.tanh(torch.addmm(first.bias, m, first.weight.t()))
-        return torch.addmm(torch.addmm(self.linear.bias + last.bias, m, self.linear.weight.t()), hidden, last.weight.t())
+        linear = torch.addmm(self.linear.bias + last.bias, m, self.linear.weight.t())
+        return torch.addmm(linear, hidden, last.weight.t())
 
 
 class MagnitudeNetStack:
@@ -71,7 +71,8 @@ class MagnitudeNetStack:
         if torch.is_autocast_enabled(magnitude.device.type):  # float32 coefficients, as MagnitudeNet
             with torch.autocast(magnitude.device.type, enabled=False):
                 return self(nets, magnitude, which)
-        tensors = [t for net in nets for layer in (net.linear, net.hidden[0], net.hidden[2]) for t in (layer.weight, layer.bias)]
+        layers = [layer for net in nets for layer in (net.linear, net.hidden[0], net.hidden[2])]
+        tensors = [t for layer in layers for t in (layer.weight, layer.bias)]
         key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
         if key != self._key:
             self._weights, self._key = self._stack(nets), key

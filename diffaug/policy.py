@@ -486,8 +486,9 @@ class PolicyAugmenter(_Policy):
     ) -> Tensor:
         if not get_op(names[0]).has_magnitude:
             return self._render(names, sizes, x, magnitude, position)
-        needs_encoder = self._needs_encoders(magnitude)
-        encoded = self._render(names, sizes, x, magnitude, position, self.encoders, coefficients) if needs_encoder else None
+        encoded = None
+        if self._needs_encoders(magnitude):
+            encoded = self._render(names, sizes, x, magnitude, position, self.encoders, coefficients)
         if self.forward_mode == "encoder":
             return encoded  # type: ignore[return-value]
         exact = self._render(names, sizes, x, magnitude.detach(), position)
