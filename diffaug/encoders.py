@@ -278,6 +278,12 @@ class AffineEncoder(MetaEncoder):
         return warp(x, *self.matrices(magnitude, x.shape[-2:], coefficients))
 
 
+def _paper_head(theta_e: Tensor, fc: nn.Linear, magnitude: Tensor) -> Tensor:
+    """FC([theta_E, m]) of the paper's encoders: the learned prior vector and the magnitude, one row per sample."""
+    m = magnitude.to(fc.weight.dtype).unsqueeze(1)
+    return fc(torch.cat([theta_e.expand(m.shape[0], -1), m], dim=1))
+
+
 class PaperAffineEncoder(MetaEncoder):
     """The paper's spatial transformer: theta = reshape(FC([theta_E, m])), grid_sample with zero padding."""
 
@@ -291,8 +297,7 @@ class PaperAffineEncoder(MetaEncoder):
 
     def theta(self, magnitude: Tensor) -> Tensor:
         """(B, 2, 3) maps in grid_sample's [-1, 1] coordinates, as ``F.affine_grid`` takes them."""
-        m = magnitude.to(self.fc.weight.dtype).unsqueeze(1)
-        return self.fc(torch.cat([self.theta_e.expand(m.shape[0], -1), m], dim=1)).view(-1, 2, 3)
+        return _paper_head(self.theta_e, self.fc, magnitude).view(-1, 2, 3)
 
     def matrices(
         self, magnitude: Tensor, size: tuple[int, int], coefficients: Tensor | None = None
@@ -324,8 +329,7 @@ class PaperColorEncoder(MetaEncoder):
             self.conv.bias.zero_()
 
     def transform(self, x: Tensor, magnitude: Tensor, coefficients: Tensor | None = None) -> Tensor:
-        m = magnitude.to(self.fc.weight.dtype).unsqueeze(1)
-        scale, shift = self.fc(torch.cat([self.theta_e.expand(m.shape[0], -1), m], dim=1)).to(x.dtype).unbind(1)
+        scale, shift = _paper_head(self.theta_e, self.fc, magnitude).to(x.dtype).unbind(1)
         channels = x.shape[1]
         rgb = x.expand(-1, 3, -1, -1) if channels == 1 else x
         y = rgb * (0.5 + torch.sigmoid(scale)).view(-1, 1, 1, 1) + (torch.sigmoid(shift) - 0.5).view(-1, 1, 1, 1)

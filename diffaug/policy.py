@@ -464,8 +464,8 @@ class PolicyAugmenter(_Policy):
         self.encoders = nn.ModuleDict(_resolve_encoders(priors, arch, self.magnitude_ops))
         # The encoders' networks of m run for all pairs of a batch in one pass; ops without one (no magnitude, or
         # an encoder without a MagnitudeNet) point at the stack's row of zeros.
-        with_net = [n for n in self.magnitude_ops if self.encoders[n].magnitude_net() is not None]
-        net_of_column = [with_net.index(n) if n in with_net else len(with_net) for n in self.ops]
+        self._net_ops = tuple(n for n in self.magnitude_ops if self.encoders[n].magnitude_net() is not None)
+        net_of_column = [self._net_ops.index(n) if n in self._net_ops else len(self._net_ops) for n in self.ops]
         self.register_buffer("_net_of_column", torch.tensor(net_of_column, dtype=torch.long), persistent=False)
         self._magnitude_nets = MagnitudeNetStack()
 
@@ -475,9 +475,9 @@ class PolicyAugmenter(_Policy):
         return self.forward_mode == "encoder" or (torch.is_grad_enabled() and magnitude.requires_grad)
 
     def _coefficients(self, magnitude: Tensor, columns: Tensor) -> Tensor | None:
-        nets = [net for net in (self.encoders[n].magnitude_net() for n in self.magnitude_ops) if net is not None]
-        if not nets or not self._needs_encoders(magnitude):
+        if not self._net_ops or not self._needs_encoders(magnitude):
             return None
+        nets = [self.encoders[n].magnitude_net() for n in self._net_ops]
         return self._magnitude_nets(nets, magnitude, self._net_of_column[columns])
 
     def _transform(
