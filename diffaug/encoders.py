@@ -16,6 +16,7 @@ Two architectures share one interface, ``encoder(x, magnitude)`` with the contra
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -58,46 +59,68 @@ class MagnitudeNetStack:
     zero-padded to the widest net; ``which == len(nets)`` gives a row of zeros.
 
     An augmenter runs ten such nets per batch, a dozen kernels each; at 32 px that launch overhead is a tenth of
-    a Stage II step, and one pass over all pairs removes most of it. The stacked weights are kept between calls
-    and rebuilt when any weight is replaced or written to (``.to()``, ``load_state_dict``: a new storage or a new
-    version of the tensor). They are detached: the nets must be frozen.
+    a Stage II step, and one pass over all pairs removes most of it. The nets' weights are packed into one table
+    (one row per net), kept between calls and rebuilt when a weight is written in place (``load_state_dict``: a
+    new version of the tensor) or the nets are moved or cast (``.to()``: new tensors). They are detached: the nets
+    must be frozen.
     """
 
-    def __init__(self) -> None:
-        self._key: tuple = ()
-        self._weights: tuple[Tensor, ...] = ()
+    def __init__(self, nets: Sequence[MagnitudeNet]) -> None:
+        self.nets = list(nets)
+        self._anchors: list[Tensor] = []
+        self._tensors: list[Tensor] = []
+        self._versions: list[int] = []
+        self._table: Tensor | None = None
 
-    def __call__(self, nets: list[MagnitudeNet], magnitude: Tensor, which: Tensor) -> Tensor:
+    def __getstate__(self) -> dict[str, Any]:  # the table is derived: copies and pickles rebuild it
+        return {"nets": self.nets}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["nets"])  # type: ignore[misc]
+
+    def __call__(self, magnitude: Tensor, which: Tensor) -> Tensor:
         if torch.is_autocast_enabled(magnitude.device.type):  # float32 coefficients, as MagnitudeNet
             with torch.autocast(magnitude.device.type, enabled=False):
-                return self(nets, magnitude, which)
-        layers = [layer for net in nets for layer in (net.linear, net.hidden[0], net.hidden[2])]
-        tensors = [t for layer in layers for t in (layer.weight, layer.bias)]
-        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
-        if key != self._key:
-            self._weights, self._key = self._stack(nets), key
-        first_weight, first_bias, last_weight, bias, linear_weight = (w[which] for w in self._weights)
-        m = magnitude.to(first_weight.dtype).unsqueeze(1)
+                return self(magnitude, which)
+        if not self._current():
+            self._pack()
+        width, out = self._width, self._out
+        rows = self._table.index_select(0, which)  # type: ignore[union-attr]
+        first_weight, first_bias, last_weight, bias, linear_weight = rows.split([width, width, out * width, out, out], 1)
+        m = magnitude.to(rows.dtype).unsqueeze(1)
         hidden = torch.tanh(torch.addcmul(first_bias, m, first_weight))
-        return torch.addcmul(bias, m, linear_weight) + torch.bmm(last_weight, hidden.unsqueeze(2)).squeeze(2)
+        # A product and a sum: batched matrix-vector products (bmm) of these sizes cost 4x more on the CPU.
+        return torch.addcmul(bias, m, linear_weight) + (last_weight.view(-1, out, width) * hidden.unsqueeze(1)).sum(2)
 
-    @staticmethod
-    def _stack(nets: list[MagnitudeNet]) -> tuple[Tensor, ...]:
-        width = max(net.hidden[0].out_features for net in nets)
-        out = max(net.linear.out_features for net in nets)
+    def _current(self) -> bool:
+        """Whether the table still holds the nets' weights: the same tensors (checked on each net's first weight,
+        which ``.to()`` replaces with all the others), none of them written since."""
+        return (
+            self._table is not None
+            and all(net.linear.weight is anchor for net, anchor in zip(self.nets, self._anchors, strict=True))
+            and all(t._version == v for t, v in zip(self._tensors, self._versions, strict=True))
+        )
+
+    def _pack(self) -> None:
+        self._width = max(net.hidden[0].out_features for net in self.nets)
+        self._out = max(net.linear.out_features for net in self.nets)
         rows = []
-        for net in nets:
+        for net in self.nets:
             first, _, last = net.hidden
-            h, o = width - first.out_features, out - net.linear.out_features
-            rows.append((
+            h, o = self._width - first.out_features, self._out - net.linear.out_features
+            rows.append(torch.cat([
                 F.pad(first.weight[:, 0], (0, h)),
                 F.pad(first.bias, (0, h)),
-                F.pad(last.weight, (0, h, 0, o)),
+                F.pad(last.weight, (0, h, 0, o)).flatten(),
                 F.pad(net.linear.bias + last.bias, (0, o)),
                 F.pad(net.linear.weight[:, 0], (0, o)),
-            ))
+            ]))
         # Padding is exact: tanh(0) = 0 meets zero weights. The last row, all zeros, stands for "no net".
-        return tuple(torch.cat([torch.stack(t), torch.zeros_like(t[0]).unsqueeze(0)]).detach() for t in zip(*rows))
+        self._table = torch.cat([torch.stack(rows), torch.zeros_like(rows[0]).unsqueeze(0)]).detach()
+        self._tensors = [t for net in self.nets for layer in (net.linear, net.hidden[0], net.hidden[2])
+                         for t in (layer.weight, layer.bias)]
+        self._versions = [t._version for t in self._tensors]
+        self._anchors = [net.linear.weight for net in self.nets]
 
 
 class MetaEncoder(nn.Module):
@@ -270,7 +293,13 @@ class AffineEncoder(MetaEncoder):
         self, magnitude: Tensor, size: tuple[int, int], coefficients: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
         """The arguments of ``warp``: (B, 2, 2) linear maps and (B, 2) shifts; resolution-free (``size`` unused)."""
-        c = magnitude.unsqueeze(1) * (self.coefficients(magnitude) if coefficients is None else coefficients[:, :6])
+        return self.maps(magnitude, self.coefficients(magnitude) if coefficients is None else coefficients)
+
+    @staticmethod
+    def maps(magnitude: Tensor, coefficients: Tensor) -> tuple[Tensor, Tensor]:
+        """``matrices`` from the network's output: the same for every op, so PolicyAugmenter computes the maps of
+        all its default affine encoders in one call."""
+        c = magnitude.unsqueeze(1) * coefficients[:, :6]
         linear = torch.eye(2, device=c.device, dtype=c.dtype) + c[:, :4].view(-1, 2, 2)
         return linear, c[:, 4:]
 

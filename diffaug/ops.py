@@ -40,7 +40,7 @@ def gray(x: Tensor) -> Tensor:
     if x.shape[1] == 1:
         return x
     r, g, b = x.unbind(1)
-    return (_LUMA[0] * r + _LUMA[1] * g + _LUMA[2] * b).unsqueeze(1)
+    return torch.add(torch.add(r * _LUMA[0], g, alpha=_LUMA[1]), b, alpha=_LUMA[2]).unsqueeze(1)  # 3 kernels, not 5
 
 
 def smooth(x: Tensor) -> Tensor:

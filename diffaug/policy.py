@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .encoders import MagnitudeNetStack, MetaEncoder
+from .encoders import AffineEncoder, MagnitudeNetStack, MetaEncoder
 from .errors import DiffAugError, check_images, check_names
 from .ops import get_op, op_names, warp
 
@@ -35,8 +35,12 @@ _NEGLIGIBLE = 1e-6
 
 def relaxed_bernoulli(logits: Tensor, temperature: float, generator: torch.Generator | None = None) -> Tensor:
     """sigmoid((logits + L) / temperature), L ~ Logistic(0, 1): ``RelaxedBernoulli(logits=...).rsample()``."""
-    u = _uniform(logits.shape, generator, logits.device).clamp(1e-6, 1 - 1e-6)
-    return torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / temperature)
+    return _relaxed_bernoulli(logits, _uniform(logits.shape, generator, logits.device), temperature)
+
+
+def _relaxed_bernoulli(logits: Tensor, uniform: Tensor, temperature: float) -> Tensor:
+    # logit(u) of a uniform u is Logistic(0, 1) noise; u is kept 1e-6 away from 0 and 1.
+    return torch.sigmoid((logits + torch.logit(uniform, eps=1e-6)) / temperature)
 
 
 def _uniform(shape: Sequence[int], generator: torch.Generator | None, device: torch.device) -> Tensor:
@@ -174,31 +178,30 @@ class _Policy(nn.Module):
             raise DiffAugError(f"batch_size must be a positive int; got {batch_size!r}")
         generator = generator if generator is not None else self.generator
         device = self.probability_logits.device
-        k = len(self.ops)
-        rows = batch_size if self.selection == "sample" else 1
-        chosen = _uniform((rows, k), generator, device).topk(self.n_ops, dim=1).indices
-        selected = torch.zeros(rows, k, dtype=torch.bool, device=device).scatter_(1, chosen, True)
-        selected = selected.expand(batch_size, k)
-
-        gates = self._draw(self.probability_logits, batch_size, generator)
-        signs = torch.where(_uniform((batch_size, k), generator, device) < 0.5, -1.0, 1.0)
+        k, n_magnitudes = len(self.ops), len(self.magnitude_ops)
+        # All the noise of a batch in one draw: op selection keys, gate noise, magnitude noise and signs, positions.
+        noise = _uniform((batch_size, 2 * k + 2 * n_magnitudes + 2), generator, device)
+        keys, gate_noise, magnitude_noise, sign_noise, positions = noise.split([k, k, n_magnitudes, n_magnitudes, 2], 1)
+        if self.selection == "batch":
+            keys = keys[:1]
+        chosen = keys.topk(self.n_ops, dim=1).indices
+        selected = torch.zeros_like(keys, dtype=torch.bool).scatter_(1, chosen, True).expand(batch_size, k)
+        gates = self._draw(self.probability_logits, gate_noise)
         magnitudes = torch.zeros(batch_size, k, device=device)
         if self.magnitude_ops:
             if self.magnitude_sampling == "mean":
                 drawn = torch.sigmoid(self.magnitude_logits).expand(batch_size, -1)
             else:
-                drawn = self._draw(self.magnitude_logits, batch_size, generator)
-            columns = self._magnitude_columns
-            drawn = torch.where(self._signed, drawn * signs[:, columns], drawn)
-            magnitudes = magnitudes.index_copy(1, columns, drawn)
-        positions = _uniform((batch_size, 2), generator, device)
-        return PolicySample(self.ops, selected, gates * selected, magnitudes, positions)
+                drawn = self._draw(self.magnitude_logits, magnitude_noise)
+            drawn = torch.where(self._signed & (sign_noise < 0.5), -drawn, drawn)
+            magnitudes = magnitudes.index_copy(1, self._magnitude_columns, drawn)
+        return PolicySample(self.ops, selected, gates * selected, magnitudes, positions.contiguous())
 
-    def _draw(self, logits: Tensor, batch_size: int, generator: torch.Generator | None) -> Tensor:
-        logits = logits.expand(batch_size, -1)
+    def _draw(self, logits: Tensor, noise: Tensor) -> Tensor:
+        """Relaxed (train) or hard (eval) Bernoulli samples of ``logits`` from uniform ``noise`` of the batch's shape."""
         if self.relaxed:
-            return relaxed_bernoulli(logits, self.temperature, generator)
-        return (_uniform(logits.shape, generator, logits.device) < torch.sigmoid(logits)).float()
+            return _relaxed_bernoulli(logits, noise, self.temperature)
+        return (noise < torch.sigmoid(logits)).float()
 
     # ----------------------------------------------------------------------------------------------------------
     # Applying
@@ -237,25 +240,32 @@ class _Policy(nn.Module):
         # ops gathers its images, transforms them in one call and adds its gated residuals back.
         op_index, image_index = active.t().nonzero(as_tuple=True)
         counts = active.sum(0).tolist()
-        magnitudes = sample.magnitudes[image_index, op_index]
-        gates = sample.gates[image_index, op_index].to(images.dtype).view(-1, 1, 1, 1)
+        group_sizes = [[counts[k] for k in columns] for columns in self._groups]
+        totals = [sum(sizes) for sizes in group_sizes]
+        # index_select, not advanced indexing (x[i, j]): the same gather at a tenth of the cost on the CPU.
+        pairs = image_index * len(self.ops) + op_index
+        magnitudes = sample.magnitudes.reshape(-1).index_select(0, pairs)
+        gates = sample.gates.reshape(-1).index_select(0, pairs).to(images.dtype).view(-1, 1, 1, 1)
         coefficients = self._coefficients(magnitudes, op_index)
+        # Split once per tensor rather than slice per group: autograd joins the groups' gradients in one cat.
+        per_group = zip(
+            self._groups,
+            group_sizes,
+            image_index.split(totals),
+            magnitudes.split(totals),
+            gates.split(totals),
+            [None] * len(totals) if coefficients is None else coefficients.split(totals),
+            strict=True,
+        )
         out = images.clone()  # accumulates x + sum of gated residuals in place: no full-batch temporaries
-        start = 0
-        for columns in self._groups:
-            sizes = [counts[k] for k in columns]
-            pairs = slice(start, start + sum(sizes))
-            start = pairs.stop
-            if pairs.stop == pairs.start:
+        for columns, sizes, index, magnitude, gate, group_coefficients in per_group:
+            if index.numel() == 0:
                 continue
-            index = image_index[pairs]
             part = images.index_select(0, index)
+            position = sample.positions.index_select(0, index)
             names = [self.ops[k] for k in columns]
-            group_coefficients = None if coefficients is None else coefficients[pairs]
-            changed = self._transform(
-                names, sizes, part, magnitudes[pairs], sample.positions[index], group_coefficients
-            )
-            out.index_add_(0, index, gates[pairs] * (changed - part))
+            changed = self._transform(names, sizes, part, magnitude, position, group_coefficients)
+            out.index_add_(0, index, gate * (changed - part))
         out = self._normalise(F.hardtanh_(out, 0.0, 1.0))  # clip01, in place
         return out.squeeze(0) if unbatched else out
 
@@ -285,6 +295,8 @@ class _Policy(nn.Module):
         ``coefficients`` are the encoders' networks of m, already evaluated (``MagnitudeNetStack``), or None."""
         spec = get_op(names[0])
         if spec.kind == "affine":
+            if coefficients is not None and all(type(encoders[n]) is AffineEncoder for n in names):  # type: ignore[index]
+                return warp(x, *AffineEncoder.maps(magnitude, coefficients))
             matrices = []
             pieces = coefficients.split(sizes) if coefficients is not None else [None] * len(sizes)
             for name, m, c in zip(names, magnitude.split(sizes), pieces, strict=True):
@@ -467,7 +479,7 @@ class PolicyAugmenter(_Policy):
         self._net_ops = tuple(n for n in self.magnitude_ops if self.encoders[n].magnitude_net() is not None)
         net_of_column = [self._net_ops.index(n) if n in self._net_ops else len(self._net_ops) for n in self.ops]
         self.register_buffer("_net_of_column", torch.tensor(net_of_column, dtype=torch.long), persistent=False)
-        self._magnitude_nets = MagnitudeNetStack()
+        self._magnitude_nets = MagnitudeNetStack([self.encoders[n].magnitude_net() for n in self._net_ops])
 
     _setting_names = (*_Policy._setting_names, "forward")
 
@@ -477,8 +489,7 @@ class PolicyAugmenter(_Policy):
     def _coefficients(self, magnitude: Tensor, columns: Tensor) -> Tensor | None:
         if not self._net_ops or not self._needs_encoders(magnitude):
             return None
-        nets = [self.encoders[n].magnitude_net() for n in self._net_ops]
-        return self._magnitude_nets(nets, magnitude, self._net_of_column[columns])
+        return self._magnitude_nets(magnitude, self._net_of_column.index_select(0, columns))
 
     def _transform(
         self, names: list[str], sizes: list[int], x: Tensor, magnitude: Tensor, position: Tensor,

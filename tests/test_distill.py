@@ -30,12 +30,14 @@ def _run(*args: str, timeout: int = 300) -> None:
 @pytest.fixture(scope="module")
 def mnist_pair() -> tuple[torch.nn.Module, torch.nn.Module, torch.Tensor, torch.Tensor]:
     """A teacher trained on 500 real digits and a weaker student, plus 256 held-out digits. The student must be
-    past chance: at chance p_S[y] ~ 0.1 and the student term of Eq. 2 has almost no gradient."""
+    past chance on x_hat: at chance p_S[y] ~ 0.1 and the student term of Eq. 2 has almost no gradient. After 4
+    epochs its logits were still nearly flat (mean p_S[y] 0.12 on x_hat) and whether its CE rose in Stage II
+    depended on the random stream (3 of 6 seeds); after 12 (p_S[y] 0.32) it rose for all 6 seeds, by 0.06-0.14."""
     train, test = mnist5k(train_size=500, seed=0)
     teacher, student = small_models(1, 10, seed=0)
     loader = DataLoader(train, batch_size=50, shuffle=True, generator=torch.Generator().manual_seed(0))
     train_teacher(teacher, loader, epochs=6, device="cpu")
-    train_teacher(student, loader, epochs=4, device="cpu")
+    train_teacher(student, loader, epochs=12, device="cpu")
     x, y = test.tensors
     return teacher, student.eval(), x[:256], y[:256]
 

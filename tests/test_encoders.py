@@ -58,10 +58,10 @@ def test_magnitude_net_stack_equals_each_net_and_follows_weight_changes() -> Non
     for net in nets:
         with torch.no_grad():
             net.hidden[2].weight.normal_(0, 0.5)
-    stack = MagnitudeNetStack()
+    stack = MagnitudeNetStack(nets)
     m = torch.linspace(-1, 1, 9)
     which = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 2])  # 3: the row of zeros
-    out = stack(nets, m, which)
+    out = stack(m, which)
     assert out.shape == (9, 6)
     for i in range(9):
         expected = torch.zeros(6) if which[i] == 3 else nets[which[i]](m[i : i + 1])[0]
@@ -72,7 +72,7 @@ def test_magnitude_net_stack_equals_each_net_and_follows_weight_changes() -> Non
     frozen = freeze(nets[0])  # MagnitudeNet is an nn.Module; freeze turns its parameters into buffers
     with torch.no_grad():
         frozen.linear.bias.add_(1.0)
-    torch.testing.assert_close(stack(nets, m, which)[0, :3], nets[0](m[:1])[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(stack(m, which)[0, :3], nets[0](m[:1])[0], atol=1e-6, rtol=0)
 
 
 def test_augmenter_with_batched_nets_equals_eq5_with_each_encoder_alone(images: torch.Tensor) -> None:
