@@ -64,8 +64,12 @@ def bench(batch: int, size: int, repeats: int) -> dict[str, float]:
         return run
 
     def train_step(module: PolicyAugmenter) -> Callable[[], object]:
+        # Gradients are cleared as the Stage II loop clears them (the optimiser's zero_grad, a walk over its own
+        # list); Module.zero_grad walks every submodule of the frozen encoders, 0.3 ms that no training loop spends.
+        optimiser = torch.optim.SGD(module.parameters(), lr=0.0)
+
         def run() -> object:
-            module.zero_grad(set_to_none=True)
+            optimiser.zero_grad(set_to_none=True)
             module(x).mean().backward()
             return module.probability_logits.grad
 
