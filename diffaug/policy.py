@@ -266,6 +266,10 @@ class _Policy(nn.Module):
             names = [self.ops[k] for k in columns]
             changed = self._transform(names, sizes, part, magnitude, position, group_coefficients)
             out.index_add_(0, index, gate * (changed - part))
+        if torch.is_grad_enabled() and sample.gates.requires_grad and not out.requires_grad:
+            # Every pair was negligible (likely for one image: 7 % of draws at p = m = 0.5). Keep the output on
+            # the graph, with the zero gradient of skipped pairs, so that a loss on it alone can still backward().
+            out = out + 0 * sample.gates.sum()
         out = self._normalise(F.hardtanh_(out, 0.0, 1.0))  # clip01, in place
         return out.squeeze(0) if unbatched else out
 

@@ -185,6 +185,16 @@ def test_probability_near_zero_is_the_identity(images: torch.Tensor) -> None:
     assert torch.equal(aug.eval()(images), images)
 
 
+def test_a_batch_with_only_negligible_pairs_still_backpropagates(images: torch.Tensor) -> None:
+    """Every pair skipped (here by p ~ 0; for one image at p = m = 0.5, 7 % of draws): the output is the
+    input, still on the graph, and the logits get the zero gradient of the skipped pairs."""
+    aug = PolicyAugmenter(probability=1e-9, seed=0)
+    out = aug(images[:1])
+    assert torch.equal(out, images[:1])
+    out.mean().backward()
+    assert torch.equal(aug.probability_logits.grad, torch.zeros(len(aug.ops)))
+
+
 def test_eval_mode_applies_reference_compatible_ops(images: torch.Tensor) -> None:
     """In eval mode with p ~ 1 and one op, the output is that op's encoder at |m| = 1."""
     aug = PolicyAugmenter(ops=["Invert"], n_ops=1, probability=1 - 1e-9).eval()
