@@ -11,7 +11,12 @@ Measured per batch (median of repeats, after warm-up), at equal batch size and n
   encoders and per-batch op selection (``arch="paper", selection="batch"``: the paper's form, our code) and
   against the authors' augmentation module as measured on this machine (76-85 ms per 128x3x32x32 batch on one
   thread; their code has no licence and is not run here): the target is <= 20 ms, 4x faster;
-* the memory-bandwidth floor, ``x.clone()``: the fraction of it reached, clone time / our time.
+* the memory-bandwidth floor, ``x.clone()``: the fraction of it reached, clone time / our time;
+* minor page faults per call (Linux): glibc returns freed heap memory to the system after every step and the next
+  step faults it back in (about 2.5 us a page on this VM). Rerun with more lenient allocator settings to see how
+  much of a step that is::
+
+      MALLOC_MMAP_THRESHOLD_=67108864 MALLOC_TRIM_THRESHOLD_=268435456 python benchmarks/bench_speed.py
 """
 
 from __future__ import annotations
@@ -30,22 +35,35 @@ from diffaug import PolicyAugmenter
 AUTHORS_MS_128x32 = (76.0, 85.0)
 
 
-def timed(candidates: dict[str, Callable[[], object]], repeats: int, warmup: int = 3) -> dict[str, float]:
-    """Median milliseconds of each candidate, run in turn round after round so that load on the (shared) machine
-    falls on all of them alike."""
+def _page_faults() -> int:
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def timed(
+    candidates: dict[str, Callable[[], object]], repeats: int, warmup: int = 3
+) -> dict[str, tuple[float, float]]:
+    """Median milliseconds and mean minor page faults per call of each candidate, run in turn round after round so
+    that load on the (shared) machine falls on all of them alike."""
     for fn in candidates.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {name: [] for name in candidates}
+    faults = dict.fromkeys(candidates, 0)
     for _ in range(repeats):
         for name, fn in candidates.items():
+            before = _page_faults()
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
-    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+            faults[name] += _page_faults() - before
+    return {name: (1e3 * statistics.median(t), faults[name] / repeats) for name, t in times.items()}
 
 
-def bench(batch: int, size: int, repeats: int) -> dict[str, float]:
+def bench(batch: int, size: int, repeats: int) -> dict[str, tuple[float, float]]:
     import kornia.augmentation.auto as auto
 
     generator = torch.Generator().manual_seed(0)
@@ -98,11 +116,12 @@ def main() -> None:
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, 1 thread, median of repeats; times in ms per batch\n")
     for batch, size, repeats in ((128, 32, 30), (32, 224, 10)):
-        r = bench(batch, size, max(5, repeats // 3) if args.quick else repeats)
+        measured = bench(batch, size, max(5, repeats // 3) if args.quick else repeats)
+        r = {name: ms for name, (ms, _) in measured.items()}
         ours_fwd, ours_step = r["ours eval fwd (no grad)"], r["ours train fwd+bwd"]
         print(f"== {batch}x3x{size}x{size}")
-        for name, ms in r.items():
-            print(f"  {name:<30} {ms:8.2f}")
+        for name, (ms, faults) in measured.items():
+            print(f"  {name:<30} {ms:8.2f}   ({faults:6.0f} page faults per call)")
         print(f"  ratio kornia RandAugment / ours (no-grad fwd, target >= 1.0): {r['kornia RandAugment(n=2) fwd'] / ours_fwd:6.2f}")
         print(f"  ratio paper form / ours (fwd+bwd):                          {r['paper form train fwd+bwd'] / ours_step:6.2f}")
         if (batch, size) == (128, 32):

@@ -300,6 +300,7 @@ class _Policy(nn.Module):
         spec = get_op(names[0])
         if spec.kind == "affine":
             if coefficients is not None and all(type(encoders[n]) is AffineEncoder for n in names):  # type: ignore[index]
+                # The default encoders differ only in their networks of m, already evaluated: one map computation.
                 return warp(x, *AffineEncoder.maps(magnitude, coefficients))
             matrices = []
             pieces = coefficients.split(sizes) if coefficients is not None else [None] * len(sizes)
