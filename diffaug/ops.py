@@ -132,15 +132,14 @@ def equalize(x: Tensor) -> Tensor:
     b, c, h, w = x.shape
     levels = torch.round(x.detach() * 255).long().clamp_(0, 255).view(b * c, h * w)
     # The histogram and look-up table hold integers; in floating point (exact below 2**24 pixels per channel) their
-    # arithmetic is cheaper than in int64, and the table maps straight to values in [0, 1]. One bincount over all
-    # channels (each offset by 256 levels) costs half a batched scatter_add.
+    # arithmetic is cheaper than in int64, and the table maps straight to values in [0, 1].
     counts = torch.float32 if h * w < 2**24 else torch.float64
-    offsets = torch.arange(0, b * c * 256, 256, device=x.device).unsqueeze(1)
-    hist = torch.bincount((levels + offsets).flatten(), minlength=b * c * 256).view(b * c, 256).to(counts)
-    last_used = hist.gather(1, levels.amax(dim=1, keepdim=True))  # the count of the highest level present
+    hist = torch.zeros(b * c, 256, dtype=counts, device=x.device)
+    hist.scatter_add_(1, levels, hist.new_ones(1, 1).expand_as(levels))
+    last_used = hist.gather(1, (hist > 0).cumsum(dim=1).argmax(dim=1, keepdim=True))
     step = torch.div(h * w - last_used, 255, rounding_mode="floor")
-    before = hist.cumsum(dim=1).sub_(hist)
-    lut = before.add_(torch.div(step, 2, rounding_mode="floor")).div_(step.clamp(min=1), rounding_mode="floor")
+    before = hist.cumsum(dim=1) - hist
+    lut = torch.div(before + torch.div(step, 2, rounding_mode="floor"), step.clamp(min=1), rounding_mode="floor")
     out = lut.clamp_(max=255).div_(255).to(x.dtype).gather(1, levels).view(b, c, h, w)
     unchanged = step == 0  # a channel of one level (or of one level and a single other pixel): PIL returns it as is
     return torch.where(unchanged.view(b, c, 1, 1), x, out) if bool(unchanged.any()) else out
