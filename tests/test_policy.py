@@ -254,6 +254,22 @@ def test_state_dict_pickle_and_deepcopy_round_trip(images: torch.Tensor) -> None
     assert not torch.equal(before, draw(aug))  # loading changed behaviour
 
 
+def test_copies_and_casts_use_their_own_encoder_weights(images: torch.Tensor) -> None:
+    """The encoders' networks of m run from one packed table (MagnitudeNetStack): a copy, a pickle or a cast must
+    use its own encoders' weights, and a weight written in place must be seen at the next call."""
+    aug = PolicyAugmenter(ops=["Color"], n_ops=1, probability=1 - 1e-9, magnitude=0.9, seed=0).eval()
+    sample = aug.sample(len(images))
+    expected = aug.apply(images, sample)
+    for clone in (copy.deepcopy(aug), pickle.loads(pickle.dumps(aug))):
+        with torch.no_grad():
+            clone.encoders["Color"].coefficients.linear.bias.add_(0.5)
+        assert not torch.equal(clone.apply(images, sample), expected)
+        assert torch.equal(aug.apply(images, sample), expected)
+    double = copy.deepcopy(aug).double()
+    # float64 weights and images; the outputs agree to float32 rounding.
+    torch.testing.assert_close(double.apply(images.double(), sample).float(), expected, atol=1e-6, rtol=0)
+
+
 def test_pickled_generator_continues_the_same_stream(images: torch.Tensor) -> None:
     aug = PolicyAugmenter(seed=3)
     aug(images)
