@@ -234,7 +234,7 @@ class _Policy(nn.Module):
             )
         sample = sample.to(images.device)
         images = self._unnormalise(images)
-        still = self._has_magnitude & (sample.magnitudes.abs() < _NEGLIGIBLE)
+        still = self._has_magnitude & (sample.magnitudes.detach().abs() < _NEGLIGIBLE)  # a mask: no graph needed
         active = sample.selected & (sample.gates >= _NEGLIGIBLE) & ~still
         # The (op, image) pairs to compute, op by op, found at once (one host sync, not one per op). Each group of
         # ops gathers its images, transforms them in one call and adds its gated residuals back.
@@ -481,10 +481,11 @@ class PolicyAugmenter(_Policy):
         self.encoders = nn.ModuleDict(_resolve_encoders(priors, arch, self.magnitude_ops))
         # The encoders' networks of m run for all pairs of a batch in one pass; ops without one (no magnitude, or
         # an encoder without a MagnitudeNet) point at the stack's row of zeros.
-        self._net_ops = tuple(n for n in self.magnitude_ops if self.encoders[n].magnitude_net() is not None)
-        net_of_column = [self._net_ops.index(n) if n in self._net_ops else len(self._net_ops) for n in self.ops]
+        nets = {n: net for n in self.magnitude_ops if (net := self.encoders[n].magnitude_net()) is not None}
+        self._net_ops = tuple(nets)
+        net_of_column = [self._net_ops.index(n) if n in nets else len(nets) for n in self.ops]
         self.register_buffer("_net_of_column", torch.tensor(net_of_column, dtype=torch.long), persistent=False)
-        self._magnitude_nets = MagnitudeNetStack([self.encoders[n].magnitude_net() for n in self._net_ops])
+        self._magnitude_nets = MagnitudeNetStack(list(nets.values()))
 
     _setting_names = (*_Policy._setting_names, "forward")
 
