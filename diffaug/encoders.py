@@ -32,7 +32,9 @@ ARCHS = ("default", "paper")
 
 
 class MagnitudeNet(nn.Module):
-    """m (B,) -> (B, out): a linear term plus a tanh hidden layer; evaluated in float32 whatever the image dtype."""
+    """m (B,) -> m g(m), (B, out): g is a linear term plus a tanh hidden layer. The product with m makes every
+    output 0 at m = 0, which is what makes the default encoders the identity there. Evaluated in float32 whatever
+    the image dtype."""
 
     def __init__(self, out_features: int, hidden: int = 16) -> None:
         super().__init__()
@@ -51,7 +53,7 @@ class MagnitudeNet(nn.Module):
         m = m.to(first.weight.dtype).unsqueeze(1)
         hidden = torch.tanh(torch.addmm(first.bias, m, first.weight.t()))
         linear = torch.addmm(self.linear.bias + last.bias, m, self.linear.weight.t())
-        return torch.addmm(linear, hidden, last.weight.t())
+        return m * torch.addmm(linear, hidden, last.weight.t())
 
 
 class MagnitudeNetStack:
@@ -90,7 +92,8 @@ class MagnitudeNetStack:
         m = magnitude.to(rows.dtype).unsqueeze(1)
         hidden = torch.tanh(torch.addcmul(first_bias, m, first_weight))
         # A product and a sum: batched matrix-vector products (bmm) of these sizes cost 4x more on the CPU.
-        return torch.addcmul(bias, m, linear_weight) + (last_weight.view(-1, out, width) * hidden.unsqueeze(1)).sum(2)
+        hidden_term = (last_weight.view(-1, out, width) * hidden.unsqueeze(1)).sum(2)
+        return m * (torch.addcmul(bias, m, linear_weight) + hidden_term)
 
     def _current(self) -> bool:
         """Whether the table still holds the nets' weights: the same tensors (checked on each net's first weight,
@@ -209,7 +212,7 @@ class BlendEncoder(MetaEncoder):
 
     def transform(self, x: Tensor, magnitude: Tensor, coefficients: Tensor | None = None) -> Tensor:
         coefficients = self.coefficients(magnitude) if coefficients is None else coefficients[:, :3]
-        a, b, c = (magnitude.unsqueeze(1) * coefficients).to(x.dtype).view(-1, 3, 1, 1, 1).unbind(1)
+        a, b, c = coefficients.to(x.dtype).view(-1, 3, 1, 1, 1).unbind(1)
         # c + b D first: for Brightness and Contrast D is one value per image, and so is this sum, which leaves
         # one full-size multiply-add (and its backward) instead of two.
         return clip01(torch.addcmul(torch.addcmul(c, self.degenerate(x), b), x, 1 + a))
@@ -273,7 +276,7 @@ class ThresholdEncoder(MetaEncoder):
 
     def transform(self, x: Tensor, magnitude: Tensor, coefficients: Tensor | None = None) -> Tensor:
         depth = self.depth(magnitude) if coefficients is None else coefficients
-        tau = (256 / 255 - magnitude * depth[:, 0]).to(x.dtype).view(-1, 1, 1, 1)
+        tau = (256 / 255 - depth[:, 0]).to(x.dtype).view(-1, 1, 1, 1)
         width = ((0.25 + 1.75 * torch.sigmoid(self.width)) / 255).to(x.dtype)
         surrogate = None if self.training else self.surrogate_width
         return torch.addcmul(x, _step(x, tau, width, surrogate), 1 - 2 * x)
@@ -293,15 +296,14 @@ class AffineEncoder(MetaEncoder):
         self, magnitude: Tensor, size: tuple[int, int], coefficients: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
         """The arguments of ``warp``: (B, 2, 2) linear maps and (B, 2) shifts; resolution-free (``size`` unused)."""
-        return self.maps(magnitude, self.coefficients(magnitude) if coefficients is None else coefficients)
+        return self.maps(self.coefficients(magnitude) if coefficients is None else coefficients)
 
     @staticmethod
-    def maps(magnitude: Tensor, coefficients: Tensor) -> tuple[Tensor, Tensor]:
+    def maps(coefficients: Tensor) -> tuple[Tensor, Tensor]:
         """``matrices`` from the network's output: the same for every op, so PolicyAugmenter computes the maps of
         all its default affine encoders in one call."""
-        c = magnitude.unsqueeze(1) * coefficients[:, :6]
-        linear = torch.eye(2, device=c.device, dtype=c.dtype) + c[:, :4].view(-1, 2, 2)
-        return linear, c[:, 4:]
+        eye = torch.eye(2, device=coefficients.device, dtype=coefficients.dtype)
+        return eye + coefficients[:, :4].view(-1, 2, 2), coefficients[:, 4:6]
 
     def transform(self, x: Tensor, magnitude: Tensor, coefficients: Tensor | None = None) -> Tensor:
         return warp(x, *self.matrices(magnitude, x.shape[-2:], coefficients))

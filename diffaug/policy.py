@@ -252,17 +252,17 @@ class _Policy(nn.Module):
             self._groups,
             group_sizes,
             image_index.split(totals),
+            sample.positions.index_select(0, image_index).split(totals),
             magnitudes.split(totals),
             gates.split(totals),
             [None] * len(totals) if coefficients is None else coefficients.split(totals),
             strict=True,
         )
         out = images.clone()  # accumulates x + sum of gated residuals in place: no full-batch temporaries
-        for columns, sizes, index, magnitude, gate, group_coefficients in per_group:
+        for columns, sizes, index, position, magnitude, gate, group_coefficients in per_group:
             if index.numel() == 0:
                 continue
             part = images.index_select(0, index)
-            position = sample.positions.index_select(0, index)
             names = [self.ops[k] for k in columns]
             changed = self._transform(names, sizes, part, magnitude, position, group_coefficients)
             out.index_add_(0, index, gate * (changed - part))
@@ -301,7 +301,7 @@ class _Policy(nn.Module):
         if spec.kind == "affine":
             if coefficients is not None and all(type(encoders[n]) is AffineEncoder for n in names):  # type: ignore[index]
                 # The default encoders differ only in their networks of m, already evaluated: one map computation.
-                return warp(x, *AffineEncoder.maps(magnitude, coefficients))
+                return warp(x, *AffineEncoder.maps(coefficients))
             matrices = []
             pieces = coefficients.split(sizes) if coefficients is not None else [None] * len(sizes)
             for name, m, c in zip(names, magnitude.split(sizes), pieces, strict=True):

@@ -208,7 +208,9 @@ def test_forward_reference_outputs_exact_pixels_with_encoder_gradients(images: t
     exact = apply_op("Rotate", images, sample.magnitudes[:, 0].detach())
     gate = sample.gates[:, 0].detach().view(-1, 1, 1, 1)
     out = ref.apply(images, sample)
-    torch.testing.assert_close(out, (images + gate * (exact - images)).clamp(0, 1), atol=1e-6, rtol=0)
+    # The augmenter warps only the drawn images: warp's grid (one matrix product) rounds differently by batch
+    # size, by an ulp or two of a coordinate, up to ~1e-5 of a pixel at 32 px.
+    torch.testing.assert_close(out, (images + gate * (exact - images)).clamp(0, 1), atol=1e-5, rtol=0)
     # The gradient w.r.t. the magnitude is the encoder's: through the same sample it equals the encoder mode's up
     # to where the fitted encoder and the exact op clip differently (the prior is ~69 dB from the op).
     (g_reference,) = torch.autograd.grad(out.sum(), ref.magnitude_logits, retain_graph=True)
