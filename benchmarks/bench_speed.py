@@ -124,7 +124,7 @@ def main() -> None:
             print(f"  {name:<30} {ms:8.2f}   ({faults:6.0f} page faults per call)")
         print(f"  ratio kornia RandAugment / ours (no-grad fwd, target >= 1.0): {r['kornia RandAugment(n=2) fwd'] / ours_fwd:6.2f}")
         print(f"  ratio paper form / ours (fwd+bwd):                          {r['paper form train fwd+bwd'] / ours_step:6.2f}")
-        # The machine's speed drifts between runs; this ratio of two times taken side by side does not.
+        # The machine's speed drifts by up to 1.5x between runs; a ratio of two times taken side by side drifts less.
         print(f"  ours train fwd+bwd / kornia RandAugment fwd:                {ours_step / r['kornia RandAugment(n=2) fwd']:6.2f}")
         if (batch, size) == (128, 32):
             lo, hi = AUTHORS_MS_128x32
