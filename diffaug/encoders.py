@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import DiffAugError, check_images, check_magnitude
-from .ops import clip01, get_op, warp
+from .ops import clip01, get_op, grid_scale, warp
 
 __all__ = ["ARCHS", "MagnitudeNetStack", "MetaEncoder", "build_encoder", "freeze"]
 
@@ -336,9 +336,7 @@ class PaperAffineEncoder(MetaEncoder):
         """``theta`` in ``warp``'s terms for images of ``size`` (H, W): the grid of ``F.affine_grid(theta)``,
         built the way every affine op builds its grid, so the augmenter warps all of them in one call."""
         theta = self.theta(magnitude)
-        aspect = size[0] / size[1]
-        linear = theta[:, :, :2] / theta.new_tensor([[1.0, aspect], [1.0 / aspect, 1.0]])
-        return linear, theta[:, :, 2] / 2
+        return theta[:, :, :2] / grid_scale(*size, theta), theta[:, :, 2] / 2
 
     def transform(self, x: Tensor, magnitude: Tensor, coefficients: Tensor | None = None) -> Tensor:
         return warp(x, *self.matrices(magnitude, x.shape[-2:]))

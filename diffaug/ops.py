@@ -92,13 +92,18 @@ def warp(x: Tensor, linear: Tensor, shift: Tensor) -> Tensor:
         with torch.autocast(x.device.type, enabled=False):
             return warp(x, linear, shift)
     height, width = x.shape[-2:]
-    aspect = height / width
-    # grid_sample's coordinates run over [-1, 1] per axis, so the isotropic pixel map is rescaled per axis.
-    scale = x.new_tensor([[1.0, aspect], [1.0 / aspect, 1.0]])
+    scaled = linear.to(x.dtype) * grid_scale(height, width, x)
     # Per image: the grid's (x, y) step per unit of u, per unit of v, and its offset; see _grid_basis.
-    theta = torch.cat([(linear.to(x.dtype) * scale).transpose(1, 2).reshape(-1, 4), 2 * shift.to(x.dtype)], dim=1)
+    theta = torch.cat([scaled.transpose(1, 2).reshape(-1, 4), 2 * shift.to(x.dtype)], dim=1)
     grid = (theta @ _grid_basis(height, width, x.dtype, x.device)).view(-1, height, width, 2)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def grid_scale(height: int, width: int, like: Tensor) -> Tensor:
+    """(2, 2) factors that turn a linear map in pixel units into the same map in grid_sample's coordinates, which
+    run over [-1, 1] on each axis separately; made with ``like``'s dtype and device."""
+    aspect = height / width
+    return like.new_tensor([[1.0, aspect], [1.0 / aspect, 1.0]])
 
 
 @functools.lru_cache(maxsize=8)
