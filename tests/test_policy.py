@@ -82,6 +82,28 @@ def test_magnitude_step_moves_the_right_way(images: torch.Tensor) -> None:
     assert aug.policy()["Brightness"]["magnitude"] > before
 
 
+@pytest.mark.parametrize("name", ["Posterize", "Solarize"])
+def test_train_mode_keeps_the_frozen_encoders_surrogate_gradients(name: str, images: torch.Tensor) -> None:
+    """Stage II runs the augmenter in train mode; its frozen encoders must stay in eval mode, where Posterize and
+    Solarize pass gradients through their wide surrogate steps (their narrow true steps give almost none)."""
+    aug = PolicyAugmenter(ops=[name], n_ops=1, probability=1 - 1e-9, magnitude_sampling="mean", seed=0).train()
+    assert aug.training and not any(module.training for module in aug.encoders.modules())
+    weights = torch.rand(images.shape, generator=torch.Generator().manual_seed(2))
+    (aug(images) * weights).sum().backward()
+
+    def through_encoder(training: bool) -> torch.Tensor:
+        """The same gradient with the encoder called directly: the gate is 1 within 1e-6, m = sigmoid(logit)."""
+        logit = aug.magnitude_logits.detach().clone().requires_grad_()
+        encoder = copy.deepcopy(aug.encoders[name]).train(training)
+        (encoder(images, torch.sigmoid(logit).expand(len(images))) * weights).sum().backward()
+        return logit.grad
+
+    expected, true_step = through_encoder(training=False), through_encoder(training=True)
+    assert float(expected.abs()) > 0
+    torch.testing.assert_close(aug.magnitude_logits.grad, expected, rtol=1e-4, atol=0)  # gates 1 - 1e-6 and over
+    assert not torch.allclose(true_step, expected, rtol=0.1)  # the data tells the two gradients apart
+
+
 def test_encoders_are_frozen_and_not_parameters() -> None:
     aug = PolicyAugmenter()
     names = [n for n, _ in aug.named_parameters()]
