@@ -135,10 +135,19 @@ class MetaEncoder(nn.Module):
     caller (see ``MagnitudeNetStack``).
     """
 
+    # Set by ``freeze``: the encoder is a fixed prior, no longer being fitted.
+    frozen = False
+
     def __init__(self, op: str, arch: str) -> None:
         super().__init__()
         self.op = op
         self.arch = arch
+
+    def train(self, mode: bool = True) -> MetaEncoder:
+        """Train mode is for fitting. A frozen encoder stays in eval mode whatever a module holding it asks (an
+        augmenter in Stage II, a user's model): in train mode Posterize and Solarize would pass their true, nearly
+        flat gradients instead of their surrogate ones."""
+        return super().train(mode and not self.frozen)
 
     def forward(self, x: Tensor, magnitude: Tensor) -> Tensor:
         """Apply the encoder; same contract as ``apply_op(self.op, x, magnitude)``."""
@@ -376,11 +385,13 @@ _DEFAULT_FAMILIES = {
 
 def freeze(encoder: MetaEncoder) -> MetaEncoder:
     """Turn every parameter of ``encoder`` into a buffer: the prior moves with ``.to()`` and is saved in state
-    dicts, but no optimiser built from ``.parameters()`` of a module holding it can see or change it."""
+    dicts, but no optimiser built from ``.parameters()`` of a module holding it can see or change it. The encoder
+    is put in eval mode and stays there (``MetaEncoder.train``)."""
     for module in encoder.modules():
         for name, param in list(module.named_parameters(recurse=False)):
             del module._parameters[name]
             module.register_buffer(name, param.detach())
+    encoder.frozen = True
     return encoder.eval()
 
 

@@ -489,14 +489,6 @@ class PolicyAugmenter(_Policy):
 
     _setting_names = (*_Policy._setting_names, "forward")
 
-    def train(self, mode: bool = True) -> PolicyAugmenter:
-        """Relaxed samples in train mode, hard in eval mode. The frozen encoders stay in eval mode either way: in
-        train mode the Posterize and Solarize encoders would pass their true, nearly flat gradients instead of the
-        surrogate ones that Stage II learns from (their ``surrogate_width``)."""
-        super().train(mode)
-        self.encoders.eval()
-        return self
-
     def _needs_encoders(self, magnitude: Tensor) -> bool:
         return self.forward_mode == "encoder" or (torch.is_grad_enabled() and magnitude.requires_grad)
 

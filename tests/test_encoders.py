@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from diffaug import PolicyAugmenter
-from diffaug.encoders import MagnitudeNet, MagnitudeNetStack, PaperAffineEncoder, _ramp, _step, freeze
+from diffaug.encoders import MagnitudeNet, MagnitudeNetStack, PaperAffineEncoder, _ramp, _step, build_encoder, freeze
 from diffaug.ops import get_op
 
 
@@ -97,3 +97,14 @@ def test_augmenter_with_batched_nets_equals_eq5_with_each_encoder_alone(images: 
     grads_expected = torch.autograd.grad(expected.square().sum(), logits)
     for g, e in zip(grads, grads_expected, strict=True):
         torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-3)
+
+
+def test_a_frozen_encoder_stays_in_eval_mode_inside_a_training_module() -> None:
+    """load_priors and PolicyAugmenter freeze their encoders; a model holding one that calls .train() must not turn
+    it back into a fitting encoder (Posterize and Solarize would lose their surrogate gradients)."""
+    frozen, fitting = freeze(build_encoder("Posterize")), build_encoder("Solarize")
+    holder = torch.nn.ModuleDict({"frozen": frozen, "fitting": fitting}).train()
+    assert frozen.frozen and not frozen.training
+    assert fitting.training and not fitting.frozen
+    holder.eval()
+    assert not fitting.training

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from diffaug import OPS, DiffAugError, PolicyAugmenter, PolicySample
+from diffaug.encoders import build_encoder
 from diffaug.ops import MAGNITUDE_OPS, apply_op, get_op
 
 
@@ -87,14 +88,17 @@ def test_train_mode_keeps_the_frozen_encoders_surrogate_gradients(name: str, ima
     """Stage II runs the augmenter in train mode; its frozen encoders must stay in eval mode, where Posterize and
     Solarize pass gradients through their wide surrogate steps (their narrow true steps give almost none)."""
     aug = PolicyAugmenter(ops=[name], n_ops=1, probability=1 - 1e-9, magnitude_sampling="mean", seed=0).train()
-    assert aug.training and not any(module.training for module in aug.encoders.modules())
+    assert aug.training and not any(module.training for e in aug.encoders.values() for module in e.modules())
     weights = torch.rand(images.shape, generator=torch.Generator().manual_seed(2))
     (aug(images) * weights).sum().backward()
 
     def through_encoder(training: bool) -> torch.Tensor:
-        """The same gradient with the encoder called directly: the gate is 1 within 1e-6, m = sigmoid(logit)."""
+        """The same gradient with the encoder called directly, an unfrozen copy (which may be put in train mode):
+        the gate is 1 within 1e-6, m = sigmoid(logit)."""
         logit = aug.magnitude_logits.detach().clone().requires_grad_()
-        encoder = copy.deepcopy(aug.encoders[name]).train(training)
+        encoder = build_encoder(name)
+        encoder.load_state_dict(aug.encoders[name].state_dict())
+        encoder.train(training)
         (encoder(images, torch.sigmoid(logit).expand(len(images))) * weights).sum().backward()
         return logit.grad
 
