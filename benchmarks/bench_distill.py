@@ -1,100 +1,286 @@
-"""Does the TST search help? Four students at equal epochs on offline real data, mean +- std over seeds.
+"""Does the TST search help? Students distilled on two shipped tasks, paired over seeds, with 95 % intervals.
 
-    python benchmarks/bench_distill.py --data mnist --epochs 15 --seeds 0 1 2
-    python benchmarks/bench_distill.py --data photos --epochs 15 --seeds 0 1 2
+    python benchmarks/bench_distill.py                          # the README's tables: both tasks, 5 arms, 5 seeds, test
+    python benchmarks/bench_distill.py --split validation --epochs 20 40 80 --arms kd    # the convergence curve
+    python benchmarks/bench_distill.py --split validation --set magnitude_sampling=relaxed,mean,uniform --arms tst
 
-Arms (same student architecture, optimiser, schedule and epochs; the teacher is trained once per seed):
-  student    cross-entropy on x alone, no teacher;
-  kd         KD (Eq. 1) on cat([x, x]): the Distiller with an augmenter that never applies and no search, so the
-             student sees as many images per step as in the two arms below;
-  kd+random  KD on cat([x_hat, x]) with the same 14 ops at the fixed initial policy (p = m = 0.5), no search;
-  tst        KD on cat([x_hat, x]) with Stage II searching the policy (the default schedule: 1/8 and 3/8).
-Data: "mnist" is few-shot MNIST (1,000 training digits, 4,000 test digits, shipped); "photos" is a 10-class colour
-task of 32x32 patches of the ten shipped photos (100 per class from the left halves; tested on the right halves).
+Protocol (README, "Does the search help?"):
+- Tasks: "mnist", few-shot MNIST (1,000 training digits, 1,000 validation digits carved from the rest of the
+  training pool, 3,000 test digits); "photos", which shipped photo a 32x32 patch comes from (100 patches a class
+  each from the top three quarters of the left halves for training, the bottom quarter for validation, the
+  right halves for testing). Settings are chosen on --split validation; --split test is reported once.
+- Every arm and every teacher sees the standard augmentation of the paper's baselines: a random crop of the
+  image padded by 4 px, and a horizontal flip on the photos (not on digits).
+- Paired seeds: the arms of a seed share its teacher (trained once, cached), its splits, its data order and
+  its initial student.
+- Arms: "student" (cross-entropy alone, no teacher); "kd" (Eq. 1 on cat([x, x])); "fixed" (KD on
+  cat([x_hat, x]) with the 14 ops at the initial policy, no search); "randaugment" (the same with kornia's
+  RandAugment(n=2, m=10) as x_hat); "tst" (KD with Stage II searching the policy).
+
+Results go to --results (JSON, one record a run, rewritten atomically after each run); a killed run is resumed
+by rerunning the same command: finished runs are read back, not rerun. Runs go in --jobs processes of one thread.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import itertools
+import json
+import math
+import multiprocessing
+import os
 import statistics
+import sys
 import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
 from diffaug import PolicyAugmenter
 from diffaug.distill import Distiller
 from diffaug.distill.__main__ import train_teacher
-from diffaug.distill.data import mnist5k, photo_patches, small_models
+from diffaug.distill.data import random_crop_flip, small_models, task_splits
+from diffaug.files import write_atomic
 
-ARMS = ("student", "kd", "kd+random", "tst")
+ARMS = ("student", "kd", "fixed", "randaugment", "tst")
+TASKS = ("mnist", "photos")
+# The settings a study may vary (--set NAME=V1,V2), with their defaults: the library's own, so that the table
+# measures what a user gets. search_passes is Stage II's length per block in passes over the training data.
+DEFAULTS: dict[str, Any] = {
+    "magnitude_sampling": PolicyAugmenter.__init__.__kwdefaults__["magnitude_sampling"],
+    "n_ops": 4,
+    "search_lr": Distiller.__init__.__kwdefaults__["search_lr"],
+    "search_passes": 1,
+    "alpha": Distiller.__init__.__kwdefaults__["alpha"],
+    "beta": Distiller.__init__.__kwdefaults__["beta"],
+}
+BATCH, STUDENT_LR = 64, 0.05
+PAIRS = (("tst", "kd"), ("tst", "fixed"), ("fixed", "kd"), ("tst", "randaugment"), ("kd", "student"))
+RESULTS = Path(__file__).with_name("results") / "distill.json"
+# Two-sided 95 % quantiles of Student's t, by degrees of freedom (no scipy among the dependencies).
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093, 20: 2.086}
 
 
-def accuracy(model: torch.nn.Module, dataset) -> float:
+def standard_augment(task: str) -> functools.partial:
+    """The paper's baseline augmentation: a 4-px padded random crop, plus a flip where it keeps the label."""
+    return functools.partial(random_crop_flip, padding=4, flip=task == "photos")
+
+
+class KorniaRandAugment(torch.nn.Module):
+    """kornia's RandAugment(n=2, m=10); gray images go through it as three equal channels and come back as their
+    mean (its Color op needs RGB)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from kornia.augmentation.auto import RandAugment
+
+        self.randaugment = RandAugment(n=2, m=10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] == 1:
+            return self.randaugment(x.expand(-1, 3, -1, -1)).mean(1, keepdim=True)
+        return self.randaugment(x)
+
+
+def accuracy(model: torch.nn.Module, dataset: TensorDataset) -> float:
     model.eval()
     x, y = dataset.tensors
     with torch.no_grad():
-        return float((model(x).argmax(1) == y).float().mean())
+        return float(sum((model(xb).argmax(1) == yb).sum() for xb, yb in zip(x.split(500), y.split(500))) / len(y))
 
 
-def run(arm: str, data: str, seed: int, epochs: int, teacher_epochs: int, search_lr: float) -> tuple[float, float]:
-    train, test = mnist5k(1000, seed=seed) if data == "mnist" else photo_patches(per_class=100, seed=seed)
-    channels = train.tensors[0].shape[1]
-    teacher, student = small_models(channels, 10, seed=seed)
-    loader = DataLoader(train, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(seed))
-    train_teacher(teacher, loader, teacher_epochs, "cpu")
-    teacher_accuracy = accuracy(teacher, test)
-    if arm == "student":
-        optimiser = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4, nesterov=True)
-        milestones = [round(epochs * f) for f in (150 / 240, 180 / 240, 210 / 240)]
-        schedule = torch.optim.lr_scheduler.MultiStepLR(optimiser, milestones, 0.1)
+def teacher_path(cache: Path, task: str, seed: int, epochs: int) -> Path:
+    return cache / f"teacher-{task}-seed{seed}-e{epochs}-cropflip.pt"
+
+
+def train_cached_teacher(task: str, seed: int, epochs: int, cache: Path) -> dict[str, Any]:
+    """Train the seed's teacher with the standard augmentation (cosine schedule, to convergence) and cache it."""
+    path = teacher_path(cache, task, seed, epochs)
+    splits = task_splits(task, seed=seed)
+    teacher, _ = small_models(splits.train.tensors[0].shape[1], 10, seed=seed)
+    if not path.is_file():
         torch.manual_seed(seed)
-        for _ in range(epochs):
-            student.train()
-            for x, y in loader:
-                optimiser.zero_grad()
-                F.cross_entropy(student(x), y).backward()
-                optimiser.step()
-            schedule.step()
-        return accuracy(student, test), teacher_accuracy
-    probability = 1e-6 if arm == "kd" else 0.5
-    augmenter = PolicyAugmenter(probability=probability)
-    searches = None if arm == "tst" else []
-    distiller = Distiller(teacher, student, augmenter, lr=0.05, search_epochs=searches, search_lr=search_lr, seed=seed,
-                          progress=False)
-    distiller.fit(loader, epochs)
-    return accuracy(student, test), teacher_accuracy
+        loader = DataLoader(splits.train, batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(seed))
+        train_teacher(teacher, loader, epochs, "cpu", standard_augment(task), seed=seed)
+        write_atomic(path, lambda temporary: torch.save(teacher.state_dict(), temporary))
+    teacher.load_state_dict(torch.load(path, weights_only=True))
+    return {"task": task, "seed": seed, "epochs": epochs, "validation": accuracy(teacher, splits.validation),
+            "test": accuracy(teacher, splits.test)}
 
 
-def main() -> None:
+def train_student_alone(student: torch.nn.Module, loader: DataLoader, epochs: int, task: str, seed: int,
+                        validation: TensorDataset) -> list[float]:
+    """Cross-entropy on x alone with the Distiller's optimiser and schedule; validation accuracy per epoch."""
+    optimiser = torch.optim.SGD(student.parameters(), lr=STUDENT_LR, momentum=0.9, weight_decay=1e-4, nesterov=True)
+    milestones = [round(epochs * f) for f in (150 / 240, 180 / 240, 210 / 240)]
+    schedule = torch.optim.lr_scheduler.MultiStepLR(optimiser, milestones, 0.1)
+    augment, generator = standard_augment(task), torch.Generator().manual_seed(seed)
+    curve = []
+    for epoch in range(epochs):
+        loader.generator.manual_seed(seed * 100003 + epoch)  # the Distiller's data order, so the arms are paired
+        student.train()
+        for x, y in loader:
+            optimiser.zero_grad()
+            F.cross_entropy(student(augment(x, generator)), y).backward()
+            optimiser.step()
+        schedule.step()
+        curve.append(accuracy(student, validation))
+    return curve
+
+
+def run(config: dict[str, Any], cache: Path) -> dict[str, Any]:
+    """One arm of one seed; returns the accuracy on the config's split and the validation curve."""
+    started = time.perf_counter()
+    task, arm, seed, epochs, settings = config["task"], config["arm"], config["seed"], config["epochs"], config["settings"]
+    splits = task_splits(task, seed=seed)
+    teacher, student = small_models(splits.train.tensors[0].shape[1], 10, seed=seed)
+    teacher.load_state_dict(torch.load(teacher_path(cache, task, seed, config["teacher_epochs"]), weights_only=True))
+    loader = DataLoader(splits.train, batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    record: dict[str, Any] = {}
+    if arm == "student":
+        curve = train_student_alone(student, loader, epochs, task, seed, splits.validation)
+    else:
+        policy = {"magnitude_sampling": settings["magnitude_sampling"], "n_ops": settings["n_ops"]}
+        if arm == "kd":
+            augmenter: torch.nn.Module = torch.nn.Identity()
+        elif arm == "randaugment":
+            augmenter = KorniaRandAugment()
+        else:
+            augmenter = PolicyAugmenter(**policy)
+        search = {"search_epochs": [] if arm != "tst" else None, "search_lr": settings["search_lr"],
+                  "search_steps": settings["search_passes"] * len(loader), "alpha": settings["alpha"],
+                  "beta": settings["beta"]}
+        distiller = Distiller(teacher, student, augmenter, standard_augment=standard_augment(task), lr=STUDENT_LR,
+                              seed=seed, progress=False, **search)
+        history = distiller.fit(loader, epochs, DataLoader(splits.validation, batch_size=500))
+        curve = [e["val_accuracy"] for e in history["epochs"]]
+        record["teacher_confidence"] = [e["teacher_confidence"] for e in history["epochs"]]
+        record["teacher_confidence_clean"] = [e["teacher_confidence_clean"] for e in history["epochs"]]
+        if arm == "tst":
+            record["policy"] = history["epochs"][-1]["policy"]
+            record["search"] = [e["search"] for e in history["epochs"] if "search" in e]
+    record["validation_curve"] = curve
+    record["accuracy"] = curve[-1] if config["split"] == "validation" else accuracy(student, splits.test)
+    record["seconds"] = round(time.perf_counter() - started, 1)
+    return record
+
+
+def _key(config: dict[str, Any]) -> str:
+    return json.dumps(config, sort_keys=True)
+
+
+def _work(job: tuple[str, dict[str, Any], str]) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    kind, config, cache = job
+    torch.set_num_threads(1)
+    if kind == "teacher":
+        return kind, config, train_cached_teacher(config["task"], config["seed"], config["epochs"], Path(cache))
+    return kind, config, run(config, Path(cache))
+
+
+def _parse_settings(pairs: list[str]) -> list[dict[str, Any]]:
+    """--set NAME=V1,V2 ... into the product of every setting's values, over the defaults."""
+    grid: dict[str, list[Any]] = {}
+    for pair in pairs:
+        name, _, values = pair.partition("=")
+        if name not in DEFAULTS or not values:
+            raise SystemExit(f"--set must be NAME=V1[,V2...] with NAME one of {sorted(DEFAULTS)}; got {pair!r}")
+        kind = type(DEFAULTS[name])
+        grid[name] = [kind(v) for v in values.split(",")]
+    names = list(grid)
+    return [{**DEFAULTS, **dict(zip(names, values))} for values in itertools.product(*(grid[n] for n in names))]
+
+
+def paired_interval(differences: list[float]) -> tuple[float, float]:
+    """Mean of paired differences and the half-width of its 95 % t-interval."""
+    mean = statistics.mean(differences)
+    if len(differences) < 2:
+        return mean, math.nan
+    return mean, T975.get(len(differences) - 1, 1.96) * statistics.stdev(differences) / math.sqrt(len(differences))
+
+
+def report(runs: list[dict[str, Any]]) -> str:
+    """Markdown tables: per group (task, epochs, split, settings) the arms' mean +- std and the paired differences."""
+    groups: dict[str, dict[str, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
+    for r in runs:
+        c = r["config"]
+        group = json.dumps({k: c[k] for k in ("task", "epochs", "split")} | {"settings": c["settings"]}, sort_keys=True)
+        groups[group][c["arm"]][c["seed"]] = 100 * r["result"]["accuracy"]
+    lines = []
+    for group, arms in sorted(groups.items()):
+        g = json.loads(group)
+        changed = {k: v for k, v in g["settings"].items() if v != DEFAULTS[k]}
+        lines += [f"\n{g['task']}, {g['epochs']} epochs, {g['split']} accuracy (%), settings {changed or 'default'}",
+                  "| arm | seeds | mean ± std |", "|---|---|---|"]
+        for arm in ARMS:
+            if arm in arms:
+                values = list(arms[arm].values())
+                std = statistics.stdev(values) if len(values) > 1 else math.nan
+                lines.append(f"| {arm} | {len(values)} | {statistics.mean(values):.2f} ± {std:.2f} |")
+        pairs = [(a, b) for a, b in PAIRS if a in arms and b in arms]
+        if pairs:
+            lines += ["| paired difference | seeds | mean [95 % interval] |", "|---|---|---|"]
+        for a, b in pairs:
+            seeds = sorted(set(arms[a]) & set(arms[b]))
+            mean, half = paired_interval([arms[a][s] - arms[b][s] for s in seeds])
+            lines.append(f"| {a} − {b} | {len(seeds)} | {mean:+.2f} [{mean - half:+.2f}, {mean + half:+.2f}] |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", choices=("mnist", "photos"), default="mnist")
-    parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument("--teacher-epochs", type=int, default=15)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
-    parser.add_argument("--search-lr", type=float, default=0.01,
-                        help="Stage II SGD lr (paper: 0.01 over ~390 steps a block; ours has ~16 a block)")
-    args = parser.parse_args()
-    torch.set_num_threads(2)
-    results: dict[str, list[float]] = {arm: [] for arm in args.arms}
-    teachers = []
-    for seed in args.seeds:
-        for arm in args.arms:
-            start = time.perf_counter()
-            acc, teacher_acc = run(arm, args.data, seed, args.epochs, args.teacher_epochs, args.search_lr)
-            results[arm].append(acc)
-            teachers.append(teacher_acc)
-            print(f"seed {seed} {arm:<10} test accuracy {acc:.4f} (teacher {teacher_acc:.4f}) "
-                  f"[{time.perf_counter() - start:.0f}s]", flush=True)
-    print(f"\n{args.data}, {args.epochs} epochs, seeds {args.seeds}, search lr {args.search_lr}; "
-          f"teacher {statistics.mean(teachers):.4f}")
-    print("| arm | test accuracy (mean +- std) |\n|---|---|")
-    for arm, accs in results.items():
-        std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        print(f"| {arm} | {100 * statistics.mean(accs):.2f} +- {100 * std:.2f} |")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--epochs", type=int, nargs="+", default=[60],
+                        help="student epochs (default %(default)s: from plain KD's validation curve, README)")
+    parser.add_argument("--teacher-epochs", type=int, default=60, help="teacher epochs (default %(default)s)")
+    parser.add_argument("--split", choices=("validation", "test"), default="test",
+                        help="where the final accuracy is measured (default %(default)s; choose settings on validation)")
+    parser.add_argument("--set", dest="settings", action="append", default=[], metavar="NAME=V1,V2",
+                        help=f"vary a setting (the product of all --set is run); defaults {DEFAULTS}")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="JSON file of runs (default %(default)s)")
+    parser.add_argument("--cache-dir", type=Path, default=Path("runs/teachers"), help="teacher cache (default %(default)s)")
+    parser.add_argument("--jobs", type=int, default=2, help="parallel processes, one thread each (default %(default)s)")
+    args = parser.parse_args(argv)
+    configs = [{"task": t, "arm": a, "seed": s, "epochs": e, "teacher_epochs": args.teacher_epochs, "split": args.split,
+                "settings": settings}
+               for t, s, e, settings, a in itertools.product(args.tasks, args.seeds, args.epochs,
+                                                             _parse_settings(args.settings), args.arms)]
+    stored = json.loads(args.results.read_text()) if args.results.is_file() else {"runs": [], "teachers": []}
+    done = {_key(r["config"]) for r in stored["runs"]}
+    pending = [c for c in configs if _key(c) not in done]
+    # A teacher is trained where the cache lacks it (a fresh clone) and recorded once.
+    teachers = [{"task": t, "seed": s, "epochs": args.teacher_epochs} for t, s in itertools.product(args.tasks, args.seeds)
+                if not teacher_path(args.cache_dir, t, s, args.teacher_epochs).is_file()
+                or not any(d == {**d, "task": t, "seed": s, "epochs": args.teacher_epochs} for d in stored["teachers"])]
+    print(f"{len(configs) - len(pending)} of {len(configs)} runs already in {args.results}; "
+          f"{len(teachers)} teachers and {len(pending)} runs to go", flush=True)
+    jobs = [("teacher", c, str(args.cache_dir)) for c in teachers]
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(args.jobs) as pool:
+        for phase in (jobs, [("run", c, str(args.cache_dir)) for c in pending]):  # teachers first, shared by arms
+            for count, (kind, config, result) in enumerate(pool.imap_unordered(_work, phase), 1):
+                if kind == "teacher":
+                    stored["teachers"] = [d for d in stored["teachers"] if {**d, **config} != d] + [result]
+                    line = f"teacher {config['task']} seed {config['seed']}: validation {result['validation']:.4f}"
+                else:
+                    stored["runs"].append({"config": config, "result": result})
+                    changed = {k: v for k, v in config["settings"].items() if v != DEFAULTS[k]}
+                    line = (f"{config['task']} {config['arm']} seed {config['seed']} {config['epochs']} epochs "
+                            f"{changed or ''}: {config['split']} {result['accuracy']:.4f} [{result['seconds']:.0f} s]")
+                text = json.dumps(stored, indent=1)
+                write_atomic(args.results, lambda temporary, text=text: Path(temporary).write_text(text))
+                print(f"[{count}/{len(phase)}] {line}", flush=True)
+    wanted = {_key(c) for c in configs}
+    print(report([r for r in stored["runs"] if _key(r["config"]) in wanted]))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -23,7 +23,8 @@ from .fit import FIDELITY_TARGETS
 from .ops import MAGNITUDE_OPS, apply_op, get_op
 from .policy import _Policy
 
-__all__ = ["plot_policy_history", "plot_policy", "show_ops", "show_augmented", "plot_fit_report"]
+__all__ = ["plot_policy_history", "plot_policy", "plot_teacher_confidence", "show_ops", "show_augmented",
+           "plot_fit_report"]
 
 
 def _load_json(source: Mapping[str, Any] | str | PathLike, what: str) -> Mapping[str, Any]:
@@ -77,6 +78,36 @@ def plot_policy_history(
     axes[1].set(title="magnitude (Stage II shaded)", xlabel="iteration", ylim=(0, 1))
     axes[0].legend(fontsize="small", ncol=2)
     return fig, axes
+
+
+def plot_teacher_confidence(
+    histories: Mapping[str, Mapping[str, Any] | str | PathLike] | Mapping[str, Any] | str | PathLike,
+    ax: Axes | None = None,
+) -> tuple[Figure, Axes]:
+    """The teacher's mean probability of the true class per Stage III epoch, on x_hat (solid) and on x (dashed):
+    the paper's Fig. 3, its sign of a teacher so sure of the label that its logits carry little else (Table 8).
+
+    ``histories`` is one Distiller history (or its JSON file), or a dict of them by label to compare teachers.
+    """
+    single = isinstance(histories, (str, PathLike)) or (isinstance(histories, Mapping) and "epochs" in histories)
+    runs = {"teacher": histories} if single else dict(histories)  # type: ignore[arg-type]
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
+    else:
+        fig = ax.figure
+    for i, (label, source) in enumerate(runs.items()):
+        epochs = _load_json(source, "history").get("epochs")
+        if not epochs or "teacher_confidence" not in epochs[0]:
+            raise DiffAugError(f"history {label!r} must be a Distiller history whose epochs record "
+                               f"'teacher_confidence'; got {'no epochs' if not epochs else 'keys ' + str(list(epochs[0]))}")
+        numbers = [e["epoch"] + 1 for e in epochs]
+        colour = plt.get_cmap("tab10")(i % 10)
+        ax.plot(numbers, [e["teacher_confidence"] for e in epochs], color=colour, label=f"{label}, on x_hat")
+        ax.plot(numbers, [e["teacher_confidence_clean"] for e in epochs], color=colour, linestyle="--",
+                label=f"{label}, on x")
+    ax.set(title="teacher's probability of the true class", xlabel="epoch", ylabel="mean p_T(y)", ylim=(0, 1.02))
+    ax.legend(fontsize="small")
+    return fig, ax
 
 
 def plot_policy(policy: _Policy | Mapping[str, Mapping[str, float]], ax: Axes | None = None) -> tuple[Figure, Axes]:

@@ -23,7 +23,10 @@ from .encoders import AffineEncoder, MagnitudeNetStack, MetaEncoder
 from .errors import DiffAugError, check_images, check_names
 from .ops import get_op, op_names, warp
 
-__all__ = ["PolicyAugmenter", "PolicySample", "ReferencePolicy", "relaxed_bernoulli"]
+__all__ = ["MAGNITUDE_SAMPLINGS", "PolicyAugmenter", "PolicySample", "ReferencePolicy", "relaxed_bernoulli"]
+
+MagnitudeSampling = Literal["relaxed", "mean", "uniform"]
+MAGNITUDE_SAMPLINGS: tuple[str, ...] = ("relaxed", "mean", "uniform")
 
 _EXPORT_FORMAT = 1
 
@@ -122,7 +125,7 @@ class _Policy(nn.Module):
         magnitude: float | Mapping[str, float] = 0.5,
         temperature: float = 0.05,
         selection: Literal["sample", "batch"] = "sample",
-        magnitude_sampling: Literal["relaxed", "mean"] = "relaxed",
+        magnitude_sampling: MagnitudeSampling = "relaxed",
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         seed: int | None = None,
@@ -136,7 +139,7 @@ class _Policy(nn.Module):
         if not (isinstance(temperature, (int, float)) and temperature > 0):
             raise DiffAugError(f"temperature must be a positive number; got {temperature!r}")
         _check_choice("selection", selection, ("sample", "batch"))
-        _check_choice("magnitude_sampling", magnitude_sampling, ("relaxed", "mean"))
+        _check_choice("magnitude_sampling", magnitude_sampling, MAGNITUDE_SAMPLINGS)
         self.n_ops = n_ops
         self.temperature = float(temperature)
         self.selection = selection
@@ -191,6 +194,8 @@ class _Policy(nn.Module):
         if self.magnitude_ops:
             if self.magnitude_sampling == "mean":
                 drawn = torch.sigmoid(self.magnitude_logits).expand(batch_size, -1)
+            elif self.magnitude_sampling == "uniform":  # the same in train and eval: u is continuous already
+                drawn = torch.sigmoid(self.magnitude_logits) * magnitude_noise
             else:
                 drawn = self._draw(self.magnitude_logits, magnitude_noise)
             drawn = torch.where(self._signed & (sign_noise < 0.5), -drawn, drawn)
@@ -430,7 +435,10 @@ class PolicyAugmenter(_Policy):
         magnitude: initial magnitude in (0, 1), one float or a dict by op name (others 0.5).
         temperature: relaxed-Bernoulli temperature (tau_l = 0.05 in the paper).
         selection: "sample" draws the ops per image; "batch" draws one set for the whole batch (the paper).
-        magnitude_sampling: "relaxed" samples magnitudes like gates (Eq. 4); "mean" uses sigmoid(logit) as is.
+        magnitude_sampling: how a drawn op's strength is sampled from its logit theta_m. "relaxed": like the gates
+            (Eq. 4 as written), so an applied op is at strength about 0 or 1; "mean": sigmoid(theta_m) as is, no
+            sampling (the authors' code); "uniform": sigmoid(theta_m) * u with u ~ U(0, 1), every strength up to
+            the learned one (as TrivialAugment draws them), in train and eval mode alike.
         forward: "encoder" outputs the meta-encoders' pixels (the paper); "reference" outputs the exact reference
             ops while gradients flow through the encoders (straight-through).
         priors: "default" (the shipped fitted priors), a priors folder, a dict of encoders by op name, or None
@@ -464,7 +472,7 @@ class PolicyAugmenter(_Policy):
         magnitude: float | Mapping[str, float] = 0.5,
         temperature: float = 0.05,
         selection: Literal["sample", "batch"] = "sample",
-        magnitude_sampling: Literal["relaxed", "mean"] = "relaxed",
+        magnitude_sampling: MagnitudeSampling = "relaxed",
         forward: Literal["encoder", "reference"] = "encoder",
         priors: str | PathLike | Mapping[str, MetaEncoder] | None = "default",
         arch: str = "default",

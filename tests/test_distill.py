@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from torch.utils.data import DataLoader
 from diffaug import DiffAugError, PolicyAugmenter
 from diffaug.distill import Distiller
 from diffaug.distill.__main__ import train_teacher
-from diffaug.distill.data import cifar, mnist5k, photo_patches, small_models
+from diffaug.distill.data import cifar, mnist5k, photo_patches, random_crop_flip, small_models, task_splits
 
 WORKER = Path(__file__).with_name("distill_worker.py")
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,8 +128,12 @@ def test_non_finite_loss_stops_with_stage_and_step_and_keeps_the_checkpoint(tmp_
 
 def test_bad_arguments_raise() -> None:
     teacher, student = small_models(1, 10)
-    with pytest.raises(DiffAugError, match=r"augmenter must be a PolicyAugmenter; got Sequential"):
-        Distiller(teacher, student, teacher)  # type: ignore[arg-type]
+    with pytest.raises(DiffAugError, match=r"augmenter must be a PolicyAugmenter or another nn.Module; got function"):
+        Distiller(teacher, student, lambda x: x)  # type: ignore[arg-type]
+    with pytest.raises(DiffAugError, match=r"with a Identity augmenter pass search_epochs=\[\]; got search_epochs=None"):
+        Distiller(teacher, student, torch.nn.Identity())
+    with pytest.raises(DiffAugError, match=r"standard_augment must be callable"):
+        Distiller(teacher, student, PolicyAugmenter(), standard_augment=4)  # type: ignore[arg-type]
     with pytest.raises(DiffAugError, match=r"amp='fp16' needs a CUDA device"):
         Distiller(teacher, student, PolicyAugmenter(), amp="fp16")
     with pytest.raises(DiffAugError, match=r"checkpoint must be a file"):
@@ -159,3 +164,109 @@ def test_cifar_pickle_batches_are_read(tmp_path: Path) -> None:
     assert torch.equal(train.tensors[0][0], torch.from_numpy(first.reshape(3, 32, 32).astype(np.float32) / 255))
     with pytest.raises(DiffAugError, match=r"CIFAR folder must hold data_batch_1..5"):
         cifar(tmp_path / "missing")
+
+
+def test_task_splits_are_disjoint_balanced_and_reproducible() -> None:
+    mnist = task_splits("mnist", seed=3)
+    assert [len(s) for s in mnist] == [1000, 1000, 3000]
+    for split in mnist[:2]:
+        assert torch.bincount(split.tensors[1]).tolist() == [100] * 10
+    # No digit in two splits (the shipped digits are distinct images, so equal pixels mean the same digit).
+    keys = [{bytes(x.numpy()) for x in split.tensors[0]} for split in mnist]
+    assert sum(map(len, keys)) == len(set.union(*keys)) == 5000
+    assert torch.equal(task_splits("mnist", seed=3).validation.tensors[0], mnist.validation.tensors[0])
+    assert not torch.equal(task_splits("mnist", seed=4).train.tensors[0], mnist.train.tensors[0])
+    photos = task_splits("photos", per_class=20)
+    assert [s.tensors[0].shape for s in photos] == [(200, 3, 32, 32)] * 3
+    with pytest.raises(DiffAugError, match=r"task must be 'mnist' or 'photos'; got 'cifar'"):
+        task_splits("cifar")
+
+
+def test_photo_splits_come_from_disjoint_regions() -> None:
+    """Every patch is found in its own region of its photo (train: top 3/4 of the left half; validation: the
+    bottom quarter of it; test: the right half), so no pixel is shared between splits."""
+    from diffaug.fit import _read_image, shipped_images_dir
+
+    splits = task_splits("photos", per_class=3, seed=1)
+    photos = [_read_image(p) for p in sorted(shipped_images_dir().glob("*.png"))]
+    regions = {"train": (0, 0.75, 0, 0.5), "validation": (0.75, 1, 0, 0.5), "test": (0, 1, 0.5, 1)}
+    for name, split in zip(("train", "validation", "test"), splits, strict=True):
+        top, bottom, left, right = regions[name]
+        for x, y in zip(*split.tensors, strict=True):
+            photo = photos[int(y)]
+            h, w = photo.shape[-2:]
+            region = photo[:, round(top * h):round(bottom * h), round(left * w):round(right * w)]
+            windows = region.unfold(1, 32, 1).unfold(2, 32, 1)  # (C, rows, columns, 32, 32)
+            found = (windows == x[:, None, None]).flatten(3).all(3).all(0)
+            assert found.any(), (name, int(y))
+
+
+def _crop_flip_candidates(image: torch.Tensor, padding: int) -> list[torch.Tensor]:
+    """Every output torchvision's RandomCrop(size, padding) + RandomHorizontalFlip could give for one image."""
+    padded = F.pad(image, (padding,) * 4)
+    h, w = image.shape[-2:]
+    crops = [padded[:, i:i + h, j:j + w] for i in range(2 * padding + 1) for j in range(2 * padding + 1)]
+    return crops + [c.flip(-1) for c in crops]
+
+
+@pytest.mark.parametrize("flip", [True, False])
+def test_random_crop_flip_gives_a_padded_crop_of_each_image(flip: bool) -> None:
+    x = torch.rand(64, 3, 9, 7)
+    out = random_crop_flip(x, torch.Generator().manual_seed(0), padding=2, flip=flip)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    offsets, mirrored = set(), 0
+    for image, result in zip(x, out, strict=True):
+        candidates = _crop_flip_candidates(image, 2)
+        matches = [k for k, c in enumerate(candidates) if torch.equal(c, result)]
+        assert matches, "not a padded crop of its own image"
+        offsets.add(matches[0] % 25)
+        mirrored += matches[0] >= 25 and not any(k < 25 for k in matches)
+    assert len(offsets) >= 20  # 64 draws over 25 offsets reach almost all of them
+    assert (16 <= mirrored <= 48) if flip else mirrored == 0  # Binomial(64, 1/2): 4 standard deviations
+
+
+def test_random_crop_flip_is_reproducible_and_identity_without_padding_or_flip() -> None:
+    x = torch.rand(8, 1, 28, 28)
+    a = random_crop_flip(x, torch.Generator().manual_seed(5))
+    assert torch.equal(a, random_crop_flip(x, torch.Generator().manual_seed(5)))
+    assert not torch.equal(a, random_crop_flip(x, torch.Generator().manual_seed(6)))
+    assert torch.equal(random_crop_flip(x, padding=0, flip=False), x)
+    assert torch.equal(random_crop_flip(x, padding=3, flip=False, fill=0.5)[x.new_zeros(8, dtype=torch.bool)], x[:0])
+    with pytest.raises(DiffAugError, match=r"images must be a \(B, C, H, W\) tensor; got shape \(1, 28, 28\)"):
+        random_crop_flip(x[0])
+    with pytest.raises(DiffAugError, match=r"padding must be a non-negative int; got -1"):
+        random_crop_flip(x, padding=-1)
+
+
+def test_fixed_augmenter_with_standard_augment_records_the_teachers_confidence() -> None:
+    """Plain KD (nn.Identity) on cropped batches: the crop is drawn from the Distiller's generator before both
+    models see the batch, and the step records the teacher's mean probability of the true class (Fig. 3)."""
+    train, _ = mnist5k(train_size=40)
+    teacher, student = small_models(1, 10)
+    crop = functools.partial(random_crop_flip, flip=False)
+    distiller = Distiller(teacher, student, torch.nn.Identity(), standard_augment=crop, search_epochs=[], progress=False)
+    x, y = next(iter(DataLoader(train, batch_size=20)))
+    state = distiller.generator.get_state()
+    record = distiller.train_step(x, y)
+    with torch.no_grad():
+        cropped = crop(x, torch.Generator().set_state(state))
+        expected = float(teacher(cropped).softmax(1).gather(1, y[:, None]).mean())
+    assert record["teacher_confidence"] == pytest.approx(expected, rel=1e-5)  # x_hat = x under nn.Identity
+    assert record["teacher_confidence_clean"] == pytest.approx(expected, rel=1e-5)
+    assert not torch.equal(cropped, x)  # the crop did change what the teacher saw
+    with pytest.raises(DiffAugError, match=r"Stage II needs a PolicyAugmenter; this Distiller has a Identity"):
+        distiller.search_step(x, y)
+    history = distiller.fit(DataLoader(train, batch_size=20), 1)
+    epoch = history["epochs"][0]
+    assert epoch["policy"] is None
+    steps = [r["teacher_confidence"] for r in history["train"]]
+    assert epoch["teacher_confidence"] == pytest.approx(sum(steps) / len(steps))
+
+
+def test_search_blocks_longer_than_a_pass_run_several_passes() -> None:
+    train, _ = mnist5k(train_size=40)
+    teacher, student = small_models(1, 10)
+    distiller = Distiller(teacher, student, PolicyAugmenter(), search_epochs=[0], search_steps=5, progress=False)
+    history = distiller.fit(DataLoader(train, batch_size=20, shuffle=True, generator=torch.Generator()), 1)
+    assert len(history["search"]) == 5  # 2 steps a pass: 2 + 2 + 1
+    assert [r["iteration"] for r in history["search"]] == list(range(5))

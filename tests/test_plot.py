@@ -16,7 +16,8 @@ from torch.utils.data import DataLoader
 from diffaug import DiffAugError, PolicyAugmenter
 from diffaug.distill import Distiller
 from diffaug.distill.data import mnist5k, small_models
-from diffaug.plot import plot_fit_report, plot_policy, plot_policy_history, show_augmented, show_ops
+from diffaug.plot import (plot_fit_report, plot_policy, plot_policy_history, plot_teacher_confidence,
+                          show_augmented, show_ops)
 from diffaug.priors import shipped_priors_dir
 
 
@@ -54,6 +55,20 @@ def test_policy_history_from_dict_and_json(history: dict, tmp_path: Path) -> Non
     assert [line.get_label() for line in axes[0].lines] == ["Rotate", "Invert"]
     fig2.savefig(tmp_path / "history.png")
     assert (tmp_path / "history.png").stat().st_size > 10_000
+
+
+def test_teacher_confidence_per_epoch(history: dict, tmp_path: Path) -> None:
+    fig, ax = plot_teacher_confidence(history)
+    assert isinstance(fig, Figure) and len(ax.lines) == 2  # on x_hat and on x
+    assert list(ax.lines[0].get_xdata()) == [1, 2, 3]
+    assert list(ax.lines[0].get_ydata()) == [e["teacher_confidence"] for e in history["epochs"]]
+    assert list(ax.lines[1].get_ydata()) == [e["teacher_confidence_clean"] for e in history["epochs"]]
+    path = tmp_path / "history.json"
+    path.write_text(json.dumps(history))
+    _, ax = plot_teacher_confidence({"WRN-40-2": history, "from file": path})
+    assert [line.get_label() for line in ax.lines][::2] == ["WRN-40-2, on x_hat", "from file, on x_hat"]
+    with pytest.raises(DiffAugError, match=r"history 'old' must be a Distiller history whose epochs record"):
+        plot_teacher_confidence({"old": {"epochs": [{"epoch": 0}]}})
 
 
 def test_policy_bars() -> None:

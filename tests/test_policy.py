@@ -164,6 +164,33 @@ def test_relaxed_samples_in_train_mode_hard_in_eval() -> None:
     assert set(hard.magnitudes.abs().unique().tolist()) <= {0.0, 1.0}
 
 
+@pytest.mark.parametrize("train", [True, False])
+def test_uniform_magnitudes_spread_up_to_the_learned_strength(train: bool) -> None:
+    """magnitude_sampling="uniform": |m| = sigmoid(theta_m) * u, u ~ U(0, 1), in train and eval mode alike."""
+    aug = PolicyAugmenter(magnitude=0.8, magnitude_sampling="uniform", seed=0).train(train)
+    m = aug.sample(4096).magnitudes.detach().abs()
+    for k, name in enumerate(aug.ops):
+        if get_op(name).has_magnitude:
+            column = m[:, k]
+            assert float(column.max()) <= 0.8 + 1e-6
+            # U(0, 0.8): mean 0.4, and a quarter below 0.2; 4096 draws put both within 0.02 (5 standard errors).
+            assert float(column.mean()) == pytest.approx(0.4, abs=0.02)
+            assert float((column < 0.2).float().mean()) == pytest.approx(0.25, abs=0.035)
+
+
+def test_uniform_magnitudes_pass_gradients_to_the_magnitude_logits(images: torch.Tensor) -> None:
+    """d|m|/d theta_m = u sigma'(theta_m): a step raising the change from x under Brightness raises its logit."""
+    aug = PolicyAugmenter(ops=["Brightness"], n_ops=1, probability=0.99, magnitude_sampling="uniform", seed=0)
+    before = aug.magnitude_logits.detach().clone()
+    optimiser = torch.optim.SGD(aug.parameters(), lr=1.0)
+    for _ in range(3):
+        optimiser.zero_grad()
+        (-(aug(images) - images).pow(2).mean()).backward()
+        assert torch.isfinite(aug.magnitude_logits.grad).all() and aug.magnitude_logits.grad.abs().sum() > 0
+        optimiser.step()
+    assert float(aug.magnitude_logits.detach()[0]) > float(before[0])
+
+
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.8])
 def test_eval_gates_apply_with_the_reported_probability(p: float) -> None:
     """With logits (not the official code's p-as-logit), the apply rate equals sigmoid(theta_p)."""

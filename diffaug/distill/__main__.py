@@ -11,7 +11,10 @@ import json
 import sys
 from pathlib import Path
 
+from collections.abc import Callable
+
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import DiffAugError
@@ -34,14 +37,21 @@ def load_data(args: argparse.Namespace) -> tuple[Dataset, Dataset, int, int]:
     return train, test, 3, int(train.tensors[1].max()) + 1
 
 
-def train_teacher(model: torch.nn.Module, loader: DataLoader, epochs: int, device: str) -> torch.nn.Module:
-    """Plain supervised training (SGD, cosine schedule); the teacher of the example."""
+def train_teacher(model: torch.nn.Module, loader: DataLoader, epochs: int, device: str,
+                  standard_augment: Callable[[Tensor, torch.Generator], Tensor] | None = None,
+                  seed: int = 0) -> torch.nn.Module:
+    """Plain supervised training (SGD, cosine schedule); the teacher of the example. ``standard_augment`` (e.g.
+    ``random_crop_flip``) is applied to every batch with a generator seeded by ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
     model.to(device).train()
     optimiser = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, nesterov=True)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, epochs * len(loader))
     for _ in range(epochs):
         for x, y in loader:
-            loss = torch.nn.functional.cross_entropy(model(x.to(device)), y.to(device))
+            x = x.to(device)
+            if standard_augment is not None:
+                x = standard_augment(x, generator)
+            loss = torch.nn.functional.cross_entropy(model(x), y.to(device))
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()

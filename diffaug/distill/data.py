@@ -6,53 +6,155 @@ from __future__ import annotations
 import pickle
 from importlib import resources
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import TensorDataset
 
 from ..errors import DiffAugError
 
-__all__ = ["mnist5k", "photo_patches", "cifar", "small_models"]
+__all__ = ["Splits", "cifar", "mnist5k", "photo_patches", "random_crop_flip", "small_models", "task_splits"]
+
+
+class Splits(NamedTuple):
+    """Three disjoint splits of one task: fit on ``train``, choose settings on ``validation``, report ``test`` once."""
+
+    train: TensorDataset
+    validation: TensorDataset
+    test: TensorDataset
+
+
+def _mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
+    with resources.files("diffaug.data").joinpath("mnist5k.npz").open("rb") as file:
+        data = np.load(file)
+        return data["images"], data["labels"]
+
+
+def _balanced_subsets(labels: np.ndarray, per_class: list[int], seed: int) -> list[np.ndarray]:
+    """Disjoint index sets, the i-th holding ``per_class[i]`` random images of every class; the rest after them."""
+    order = np.random.default_rng(seed).permutation(len(labels))
+    by_class = [order[labels[order] == c] for c in range(10)]
+    bounds = np.cumsum([0, *per_class])
+    subsets = [np.concatenate([members[lo:hi] for members in by_class]) for lo, hi in zip(bounds, bounds[1:])]
+    used = np.concatenate(subsets)
+    return [*subsets, np.setdiff1d(np.arange(len(labels)), used)]
+
+
+def _mnist_dataset(images: np.ndarray, labels: np.ndarray, index: np.ndarray) -> TensorDataset:
+    x = torch.from_numpy(images[index].astype(np.float32) / 255).unsqueeze(1)
+    return TensorDataset(x, torch.from_numpy(labels[index].astype(np.int64)))
 
 
 def mnist5k(train_size: int = 1000, seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
     """(train, test) from the 5,000 MNIST digits that ship with diffaug (BSD-3, see LICENSE-mnist5k-BSD3.txt):
     ``train_size`` digits, balanced over classes, for training; the rest for testing. Images (1, 28, 28) in [0, 1]."""
-    with resources.files("diffaug.data").joinpath("mnist5k.npz").open("rb") as file:
-        data = np.load(file)
-        images, labels = data["images"], data["labels"]
+    images, labels = _mnist_arrays()
     if not 10 <= train_size < len(labels):
         raise DiffAugError(f"train_size must be in [10, {len(labels) - 1}]; got {train_size}")
-    order = np.random.default_rng(seed).permutation(len(labels))
-    per_class = train_size // 10
-    train_index = np.concatenate([order[labels[order] == c][:per_class] for c in range(10)])
-    test_index = np.setdiff1d(np.arange(len(labels)), train_index)
-    x = torch.from_numpy(images.astype(np.float32) / 255).unsqueeze(1)
-    y = torch.from_numpy(labels.astype(np.int64))
-    return TensorDataset(x[train_index], y[train_index]), TensorDataset(x[test_index], y[test_index])
+    train, test = _balanced_subsets(labels, [train_size // 10], seed)
+    return _mnist_dataset(images, labels, train), _mnist_dataset(images, labels, np.sort(test))
+
+
+def _patches(image: Tensor, count: int, size: int, generator: torch.Generator) -> list[Tensor]:
+    """``count`` random size x size patches of ``image`` (C, H, W)."""
+    patches = []
+    for _ in range(count):
+        top = int(torch.randint(image.shape[-2] - size + 1, (1,), generator=generator))
+        left = int(torch.randint(image.shape[-1] - size + 1, (1,), generator=generator))
+        patches.append(image[:, top : top + size, left : left + size])
+    return patches
+
+
+def _photo_regions(regions: list[tuple[slice, slice]], per_class: int, size: int, seed: int) -> list[TensorDataset]:
+    """One dataset per region: ``per_class`` patches of every shipped photo, drawn inside ``(rows, columns)``
+    given as fractions of the photo's height and width."""
+    from ..fit import _read_image, shipped_images_dir
+
+    generator = torch.Generator().manual_seed(seed)
+    splits: list[tuple[list[Tensor], list[int]]] = [([], []) for _ in regions]
+    for label, path in enumerate(sorted(shipped_images_dir().glob("*.png"))):
+        image = _read_image(path)
+        height, width = image.shape[-2:]
+        for (rows, columns), (xs, ys) in zip(regions, splits, strict=True):
+            part = image[:, round(rows.start * height) : round(rows.stop * height),
+                         round(columns.start * width) : round(columns.stop * width)]
+            xs += _patches(part, per_class, size, generator)
+            ys += [label] * per_class
+    return [TensorDataset(torch.stack(xs), torch.tensor(ys)) for xs, ys in splits]
 
 
 def photo_patches(per_class: int = 100, size: int = 32, seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
     """A 10-class colour task from real photos: which of the ten shipped photos a size x size patch comes from.
     Training patches come from the left half of each photo, test patches from the right half."""
-    from ..fit import _read_image, shipped_images_dir
+    train, test = _photo_regions([(slice(0, 1), slice(0, 0.5)), (slice(0, 1), slice(0.5, 1))], per_class, size, seed)
+    return train, test
 
-    paths = sorted(shipped_images_dir().glob("*.png"))
-    generator = torch.Generator().manual_seed(seed)
-    splits: dict[str, tuple[list[Tensor], list[int]]] = {"train": ([], []), "test": ([], [])}
-    for label, path in enumerate(paths):
-        image = _read_image(path)
-        width = image.shape[-1]
-        for split, (lo, hi) in (("train", (0, width // 2)), ("test", (width // 2, width))):
-            half = image[..., lo:hi]
-            for _ in range(per_class):
-                top = int(torch.randint(half.shape[-2] - size + 1, (1,), generator=generator))
-                left = int(torch.randint(half.shape[-1] - size + 1, (1,), generator=generator))
-                splits[split][0].append(half[:, top : top + size, left : left + size])
-                splits[split][1].append(label)
-    return tuple(TensorDataset(torch.stack(xs), torch.tensor(ys)) for xs, ys in splits.values())  # type: ignore[return-value]
+
+def task_splits(task: str, seed: int = 0, per_class: int = 100) -> Splits:
+    """Train, validation and test splits of a shipped task, ``per_class`` images of each of the 10 classes in
+    train and validation; disjoint, and the validation split is carved from the training data, never the test.
+
+    - ``"mnist"``: 1,000 / 1,000 / 3,000 digits at ``per_class=100`` (the remaining digits are the test split).
+    - ``"photos"``: which shipped photo a 32x32 patch comes from; train patches from the top three quarters of
+      each photo's left half, validation from the bottom quarter of it, test (``per_class`` too) from the right
+      half, so no two splits share a pixel.
+
+    >>> splits = task_splits("photos", per_class=2)
+    >>> [len(s) for s in splits]
+    [20, 20, 20]
+    """
+    if task == "mnist":
+        images, labels = _mnist_arrays()
+        if not 1 <= per_class <= 200:
+            raise DiffAugError(f"per_class must be in [1, 200] for mnist (500 digits a class are shipped); got {per_class}")
+        train, validation, test = _balanced_subsets(labels, [per_class, per_class], seed)
+        return Splits(*(_mnist_dataset(images, labels, index) for index in (train, validation, np.sort(test))))
+    if task == "photos":
+        if not isinstance(per_class, int) or per_class < 1:
+            raise DiffAugError(f"per_class must be a positive int; got {per_class!r}")
+        regions = [(slice(0, 0.75), slice(0, 0.5)), (slice(0.75, 1), slice(0, 0.5)), (slice(0, 1), slice(0.5, 1))]
+        return Splits(*_photo_regions(regions, per_class, 32, seed))
+    raise DiffAugError(f"task must be 'mnist' or 'photos'; got {task!r}")
+
+
+def random_crop_flip(images: Tensor, generator: torch.Generator | None = None, *, padding: int = 4,
+                     flip: bool = True, fill: float = 0.0) -> Tensor:
+    """The standard augmentation of image classification, batched on the images' device: every image is padded
+    by ``padding`` pixels of ``fill`` on each side and cropped back to its size at a random offset (torchvision's
+    ``RandomCrop(size, padding)``), then mirrored left-right with probability 1/2 if ``flip``.
+
+    One gather for the whole batch, no Python loop over images. Random numbers come from ``generator`` (on the
+    CPU or the images' device), so a run is reproducible from its seed. The signature is the one the
+    Distiller's ``standard_augment`` expects: ``Distiller(..., standard_augment=random_crop_flip)``; for other
+    settings, ``functools.partial(random_crop_flip, flip=False)``.
+
+    Shape: (B, C, H, W) -> (B, C, H, W).
+
+    >>> x = torch.arange(16.0).view(1, 1, 4, 4)
+    >>> random_crop_flip(x, padding=0, flip=False).equal(x)
+    True
+    """
+    if not isinstance(images, Tensor) or images.dim() != 4:
+        got = f"shape {tuple(images.shape)}" if isinstance(images, Tensor) else type(images).__name__
+        raise DiffAugError(f"images must be a (B, C, H, W) tensor; got {got}")
+    if not isinstance(padding, int) or padding < 0:
+        raise DiffAugError(f"padding must be a non-negative int; got {padding!r}")
+    batch, channels, height, width = images.shape
+    draw_on = generator.device if generator is not None else torch.device("cpu")
+    offsets = torch.randint(2 * padding + 1, (batch, 2), generator=generator, device=draw_on).to(images.device)
+    mirrored = torch.rand(batch, generator=generator, device=draw_on).to(images.device) < 0.5
+    padded = F.pad(images, (padding,) * 4, value=fill)
+    rows = offsets[:, :1] + torch.arange(height, device=images.device)  # (B, H)
+    columns = torch.arange(width, device=images.device).expand(batch, width)
+    if flip:
+        columns = torch.where(mirrored[:, None], columns.flip(1), columns)
+    columns = offsets[:, 1:] + columns  # (B, W)
+    index = (rows[:, :, None] * (width + 2 * padding) + columns[:, None, :]).view(batch, 1, -1)
+    out = padded.flatten(2).gather(2, index.expand(batch, channels, -1))
+    return out.view(batch, channels, height, width)
 
 
 def cifar(folder: str | Path) -> tuple[TensorDataset, TensorDataset]:

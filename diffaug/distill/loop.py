@@ -11,13 +11,14 @@ Stage II SGD lr 0.01 momentum 0.9 on the policy logits only, one pass at 1/8 and
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
 import random
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Literal
@@ -30,7 +31,7 @@ from torch import Tensor, nn
 from ..errors import DiffAugError
 from ..files import write_atomic
 from ..fit import Progress
-from ..policy import PolicyAugmenter
+from ..policy import PolicyAugmenter, ReferencePolicy
 from .objective import kd_loss, tst_terms
 
 __all__ = ["Distiller"]
@@ -54,12 +55,20 @@ class Distiller:
 
     Args:
         teacher, student: classifiers mapping images to logits; the teacher is frozen throughout.
-        augmenter: the PolicyAugmenter whose probability and magnitude logits Stage II learns.
+        augmenter: the PolicyAugmenter whose probability and magnitude logits Stage II learns; or any module
+            mapping an image batch to an augmented one (a ``ReferencePolicy``, kornia's ``RandAugment``,
+            ``nn.Identity()`` for plain KD) to train on a fixed augmentation with no search (then
+            ``search_epochs`` must be empty).
+        standard_augment: applied to every training batch on the device before both stages, as
+            ``standard_augment(images, generator)``; the paper's baselines all use a padded random crop and a
+            flip (``diffaug.distill.data.random_crop_flip``). Drawn from the Distiller's seeded generator, so
+            runs stay reproducible and resume exactly. Default: none.
         lr, momentum, weight_decay, nesterov: Stage III SGD.
         milestones: epochs at which the Stage III learning rate is multiplied by ``gamma`` (default 150/180/210
             of 240, scaled to the number of epochs given to ``fit``).
         search_epochs: epochs at whose start Stage II runs (default 1/8 and 3/8 of the epochs).
-        search_steps: Stage II steps per search block (default: one whole pass over the data).
+        search_steps: Stage II steps per search block (default: one whole pass over the data; more than a pass
+            runs several passes, each in its own seeded order).
         search_lr, search_momentum: Stage II SGD on the augmenter's logits.
         alpha, beta: weights of Eq. 2; temperature, w_ce, w_kl: weights of Eq. 1.
         device: where to train; amp: None, "bf16" or "fp16" (CUDA; fp16 uses a GradScaler); channels_last: use the
@@ -77,8 +86,9 @@ class Distiller:
         self,
         teacher: nn.Module,
         student: nn.Module,
-        augmenter: PolicyAugmenter,
+        augmenter: nn.Module,
         *,
+        standard_augment: Callable[[Tensor, torch.Generator], Tensor] | None = None,
         lr: float = 0.1,
         momentum: float = 0.9,
         weight_decay: float = 1e-4,
@@ -100,8 +110,15 @@ class Distiller:
         seed: int = 0,
         progress: bool = True,
     ) -> None:
-        if not isinstance(augmenter, PolicyAugmenter):
-            raise DiffAugError(f"augmenter must be a PolicyAugmenter; got {type(augmenter).__name__}")
+        if not isinstance(augmenter, nn.Module):
+            raise DiffAugError(f"augmenter must be a PolicyAugmenter or another nn.Module; got {type(augmenter).__name__}")
+        self.searchable = isinstance(augmenter, PolicyAugmenter)
+        if not self.searchable and (search_epochs is None or len(search_epochs) > 0):
+            raise DiffAugError(f"Stage II searches a PolicyAugmenter's logits; with a {type(augmenter).__name__} "
+                               f"augmenter pass search_epochs=[]; got search_epochs={search_epochs!r}")
+        if standard_augment is not None and not callable(standard_augment):
+            raise DiffAugError(f"standard_augment must be callable as f(images, generator); got {standard_augment!r}")
+        self.standard_augment = standard_augment
         if amp not in (None, "bf16", "fp16"):
             raise DiffAugError(f"amp must be None, 'bf16' or 'fp16'; got {amp!r}")
         self.device = torch.device(device)
@@ -123,7 +140,9 @@ class Distiller:
         self.optimiser = torch.optim.SGD(
             self.student.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov
         )
-        self.search_optimiser = torch.optim.SGD(self.augmenter.parameters(), lr=search_lr, momentum=search_momentum)
+        # A fixed augmenter has nothing to search (and may have no parameters at all, which SGD refuses).
+        self.search_optimiser = torch.optim.SGD(
+            self.augmenter.parameters(), lr=search_lr, momentum=search_momentum) if self.searchable else None
         self.milestones, self.gamma = milestones, gamma
         self.search_epochs, self.search_steps = search_epochs, search_steps
         self.alpha, self.beta = alpha, beta
@@ -159,12 +178,26 @@ class Distiller:
                 "before anything was saved, so the last checkpoint is intact (lower the learning rate or use bf16)"
             )
 
+    def _standard(self, x: Tensor) -> Tensor:
+        return x if self.standard_augment is None else self.standard_augment(x, self.generator)
+
+    def _augment(self, x: Tensor) -> Tensor:
+        if isinstance(self.augmenter, (PolicyAugmenter, ReferencePolicy)):
+            return self.augmenter(x, generator=self.generator)
+        return self.augmenter(x)  # a module with its own randomness (the global RNG, seeded and checkpointed)
+
+    def _policy(self) -> dict[str, dict[str, float]] | None:
+        return self.augmenter.policy() if isinstance(self.augmenter, (PolicyAugmenter, ReferencePolicy)) else None
+
     def search_step(self, x: Tensor, y: Tensor) -> dict[str, float]:
         """One Stage II step: only the augmenter's logits move; teacher and student are frozen in eval mode."""
+        if not self.searchable:
+            raise DiffAugError(f"Stage II needs a PolicyAugmenter; this Distiller has a {type(self.augmenter).__name__}")
+        x = self._standard(x)
         self.augmenter.train()
         self.student.eval()
         with self._autocast():
-            x_hat = self.augmenter(x, generator=self.generator)
+            x_hat = self._augment(x)
             teacher_logits, student_logits = self.teacher(x_hat), self.student(x_hat)
             teacher_ce, student_term = tst_terms(teacher_logits, student_logits, y)
             loss = self.alpha * teacher_ce + self.beta * student_term  # Eq. 2, as tst_loss, terms kept for the log
@@ -181,11 +214,17 @@ class Distiller:
         return {"loss": loss.item(), "teacher_ce": teacher_ce.item(), "student_term": student_term.item()}
 
     def train_step(self, x: Tensor, y: Tensor) -> dict[str, float]:
-        """One Stage III step: KD (Eq. 1) on cat([x_hat, x]), x_hat drawn from the policy without gradients."""
+        """One Stage III step: KD (Eq. 1) on cat([x_hat, x]), x_hat drawn from the policy without gradients.
+
+        Besides the loss and the student's accuracy, it records the teacher's mean probability of the true class
+        on x_hat and on x (``teacher_confidence``, ``teacher_confidence_clean``): the paper's Fig. 3, its
+        diagnosis of a teacher too sure of itself to pass on much beyond the label (Table 8).
+        """
+        x = self._standard(x)
         self.augmenter.eval()
         self.student.train()
         with torch.no_grad():
-            x_hat = self.augmenter(x, generator=self.generator)
+            x_hat = self._augment(x)
         inputs, targets = torch.cat([x_hat, x]), torch.cat([y, y])
         with self._autocast():
             with torch.no_grad():
@@ -198,7 +237,9 @@ class Distiller:
         self.scaler.step(self.optimiser)
         self.scaler.update()
         accuracy = (student_logits.detach().argmax(1) == targets).float().mean()
-        return {"loss": loss.item(), "accuracy": accuracy.item()}
+        confidence = teacher_logits.float().softmax(1).gather(1, targets[:, None]).view(2, -1).mean(1)
+        return {"loss": loss.item(), "accuracy": accuracy.item(), "teacher_confidence": confidence[0].item(),
+                "teacher_confidence_clean": confidence[1].item()}
 
     @torch.no_grad()
     def evaluate(self, loader: Iterable) -> float:
@@ -239,6 +280,22 @@ class Distiller:
         if isinstance(generator, torch.Generator):
             generator.manual_seed(self.seed * 100003 + epoch)
 
+    def _search_block(self, train_loader: Iterable) -> list[dict[str, Any]]:
+        """Stage II for ``search_steps`` steps (default one pass), in as many passes over the data as that takes."""
+        records: list[dict[str, Any]] = []
+        for passes in itertools.count():
+            self._epoch_order(train_loader, 10**6 * (passes + 1) + self.epoch)
+            before = len(records)
+            for batch in train_loader:
+                if self.search_steps is not None and len(records) >= self.search_steps:
+                    break
+                record = {"epoch": self.epoch, "iteration": self.iteration, **self.search_step(*self._batch(batch))}
+                records.append({**record, "policy": self._policy()})
+                self.iteration += 1
+            if self.search_steps is None or len(records) >= self.search_steps or len(records) == before:
+                return records
+        raise AssertionError("unreachable")  # pragma: no cover
+
     def fit(self, train_loader: Iterable, epochs: int, val_loader: Iterable | None = None,
             checkpoint: str | os.PathLike | None = None) -> dict[str, list[dict[str, Any]]]:
         """Train from the current epoch up to ``epochs``; save ``checkpoint`` (atomically) after every epoch.
@@ -260,33 +317,28 @@ class Distiller:
             for group in self.optimiser.param_groups:
                 group["lr"] = group["initial_lr"] * self._lr_factor(self.epoch, milestones)
             if self.epoch in searches:
-                self._epoch_order(train_loader, 10**6 + self.epoch)
-                records = []
-                for i, batch in enumerate(train_loader):
-                    if self.search_steps is not None and i >= self.search_steps:
-                        break
-                    record = {"epoch": self.epoch, "iteration": self.iteration, **self.search_step(*self._batch(batch))}
-                    records.append({**record, "policy": self.augmenter.policy()})
-                    self.iteration += 1
+                records = self._search_block(train_loader)
                 self.history["search"] += records
                 epoch_record["search"] = {k: float(np.mean([r[k] for r in records]))
                                           for k in ("teacher_ce", "student_term")} if records else {}
             self._epoch_order(train_loader, self.epoch)
-            losses = []
+            records = []
             steps = len(train_loader) if hasattr(train_loader, "__len__") else 0
             bar = Progress(f"epoch {self.epoch + 1}/{epochs}", sys.stderr if self.progress and steps else None)
             for batch in train_loader:
                 record = {"epoch": self.epoch, "iteration": self.iteration, "step": self.step,
                           **self.train_step(*self._batch(batch))}
                 self.history["train"].append(record)
-                losses.append(record["loss"])
-                bar(len(losses) - 1, record["loss"], steps)
+                records.append(record)
+                bar(len(records) - 1, record["loss"], steps)
                 self.step += 1
                 self.iteration += 1
-            epoch_record["train_loss"] = float(np.mean(losses)) if losses else float("nan")
+            for name, key in (("train_loss", "loss"), ("teacher_confidence", "teacher_confidence"),
+                              ("teacher_confidence_clean", "teacher_confidence_clean")):
+                epoch_record[name] = float(np.mean([r[key] for r in records])) if records else float("nan")
             epoch_record["lr"] = self.optimiser.param_groups[0]["lr"]
             epoch_record["iteration"] = self.iteration
-            epoch_record["policy"] = self.augmenter.policy()
+            epoch_record["policy"] = self._policy()
             if val_loader is not None:
                 epoch_record["val_accuracy"] = self.evaluate(val_loader)
             self.history["epochs"].append(epoch_record)
@@ -307,7 +359,7 @@ class Distiller:
             "student": self.student.state_dict(),
             "augmenter": self.augmenter.state_dict(),
             "optimiser": self.optimiser.state_dict(),
-            "search_optimiser": self.search_optimiser.state_dict(),
+            "search_optimiser": self.search_optimiser.state_dict() if self.search_optimiser is not None else {},
             "scaler": self.scaler.state_dict(),
             "epoch": self.epoch,
             "step": self.step,
@@ -326,7 +378,8 @@ class Distiller:
         self.student.load_state_dict(state["student"])
         self.augmenter.load_state_dict(state["augmenter"])
         self.optimiser.load_state_dict(state["optimiser"])
-        self.search_optimiser.load_state_dict(state["search_optimiser"])
+        if self.search_optimiser is not None:
+            self.search_optimiser.load_state_dict(state["search_optimiser"])
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step, self.iteration = int(state["epoch"]), int(state["step"]), int(state["iteration"])
         self.history = json.loads(state["history"])

@@ -1,0 +1,71 @@
+"""The distillation experiment harness (benchmarks/bench_distill.py): a one-seed, one-epoch smoke run of every arm
+on both tasks, its resume, and the statistics behind its tables."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "bench_distill.py"
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_distill", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def _run(*args: str) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+@pytest.mark.slow
+def test_smoke_run_of_every_arm_on_both_tasks_and_its_resume(tmp_path: Path) -> None:
+    args = ["--epochs", "1", "--teacher-epochs", "1", "--seeds", "0", "--jobs", "1", "--split", "validation",
+            "--results", str(tmp_path / "runs.json"), "--cache-dir", str(tmp_path / "teachers")]
+    out = _run(*args)
+    assert "2 teachers and 10 runs to go" in out
+    stored = json.loads((tmp_path / "runs.json").read_text())
+    assert len(stored["runs"]) == 10 and len(stored["teachers"]) == 2
+    arms = {(r["config"]["task"], r["config"]["arm"]) for r in stored["runs"]}
+    assert arms == {(t, a) for t in ("mnist", "photos") for a in ("student", "kd", "fixed", "randaugment", "tst")}
+    for r in stored["runs"]:
+        assert 0 <= r["result"]["accuracy"] <= 1 and len(r["result"]["validation_curve"]) == 1
+        if r["config"]["arm"] == "tst":
+            assert r["result"]["search"] and set(r["result"]["policy"]) >= {"Rotate", "Invert"}
+    assert "| tst − kd | 1 |" in out and "photos, 1 epochs, validation accuracy" in out
+    again = _run(*args)  # resumed: nothing is trained twice
+    assert "10 of 10 runs already" in again and "0 teachers and 0 runs to go" in again
+    assert json.loads((tmp_path / "runs.json").read_text()) == stored
+
+
+def test_paired_interval_is_the_t_interval_of_the_differences() -> None:
+    bench = _bench()
+    differences = [1.0, 2.5, -0.5, 3.0, 1.5]
+    mean, half = bench.paired_interval(differences)
+    assert mean == pytest.approx(1.5)
+    # t(0.975, 4 degrees of freedom) = 2.776 (a table value), times the standard error of the mean.
+    assert half == pytest.approx(2.776 * statistics.stdev(differences) / math.sqrt(5))
+    assert math.isnan(bench.paired_interval([1.0])[1])
+
+
+def test_settings_grid_is_the_product_over_the_defaults() -> None:
+    bench = _bench()
+    grid = bench._parse_settings(["magnitude_sampling=mean,uniform", "search_lr=0.01,0.1"])
+    assert len(grid) == 4 and grid[1]["search_lr"] == 0.1 and grid[1]["magnitude_sampling"] == "mean"
+    assert all(g["beta"] == bench.DEFAULTS["beta"] for g in grid)
+    with pytest.raises(SystemExit, match=r"--set must be NAME=V1\[,V2...\] with NAME one of"):
+        bench._parse_settings(["colour=1"])
