@@ -13,12 +13,11 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
+from bench_distill import DEFAULTS, EPOCHS, setup, teacher_path, train_cached_teacher  # noqa: E402  (beside this file)
 from diffaug import PolicyAugmenter  # noqa: E402
-from diffaug.distill import Distiller  # noqa: E402
-from diffaug.distill.__main__ import train_teacher  # noqa: E402
-from diffaug.distill.data import mnist5k, small_models  # noqa: E402
 from diffaug.fit import load_images, random_crops  # noqa: E402
-from diffaug.plot import plot_fit_report, plot_policy_history, show_augmented, show_ops  # noqa: E402
+from diffaug.plot import (  # noqa: E402
+    plot_fit_report, plot_policy_history, plot_teacher_confidence, show_augmented, show_ops)
 from diffaug.priors import shipped_priors_dir  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[1] / "tutorials" / "figures"
@@ -34,14 +33,16 @@ def main() -> None:
         OUT / "ops.png", dpi=72)
     plot_fit_report(shipped_priors_dir())[0].savefig(OUT / "fit_report.png", dpi=72)
 
-    train, test = mnist5k(train_size=1000, seed=0)
-    teacher, student = small_models(1, 10, seed=0)
-    loader = DataLoader(train, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0))
-    train_teacher(teacher, loader, epochs=10, device="cpu")
-    distiller = Distiller(teacher, student, PolicyAugmenter(), lr=0.05, search_epochs=[1, 4], search_lr=0.25,
-                          seed=0, progress=False)
-    history = distiller.fit(loader, epochs=8)
+    # The TST arm of the README's experiment, seed 0 on MNIST, with the library's defaults (bench_distill.py).
+    cache = Path("runs/teachers")
+    config = {"task": "mnist", "arm": "tst", "seed": 0, "epochs": EPOCHS["mnist"], "teacher_epochs": 60,
+              "split": "validation", "settings": DEFAULTS}
+    if not teacher_path(cache, "mnist", 0, 60).is_file():
+        train_cached_teacher("mnist", 0, 60, cache)
+    splits, loader, _, distiller = setup(config, cache)
+    history = distiller.fit(loader, config["epochs"], DataLoader(splits.validation, batch_size=500))  # type: ignore[union-attr]
     plot_policy_history(history)[0].savefig(OUT / "policy_history.png", dpi=72)
+    plot_teacher_confidence(history)[0].savefig(OUT / "teacher_confidence.png", dpi=72)
     print(f"wrote {sorted(p.name for p in OUT.glob('*.png'))} to {OUT}")
 
 

@@ -69,3 +69,11 @@ def test_settings_grid_is_the_product_over_the_defaults() -> None:
     assert all(g["beta"] == bench.DEFAULTS["beta"] for g in grid)
     with pytest.raises(SystemExit, match=r"--set must be NAME=V1\[,V2...\] with NAME one of"):
         bench._parse_settings(["colour=1"])
+
+
+def test_epochs_for_every_task_or_per_task() -> None:
+    bench = _bench()
+    assert bench._parse_epochs(["80"]) == {"*": [80]}
+    assert bench._parse_epochs(["mnist=80", "photos=40", "photos=20"]) == {"mnist": [80], "photos": [40, 20]}
+    with pytest.raises(SystemExit, match=r"--epochs takes E or TASK=E with TASK one of \['mnist', 'photos'\]; got 'cifar=3'"):
+        bench._parse_epochs(["cifar=3"])

@@ -7,6 +7,7 @@ searched policy, and prints the student's test accuracy and the learned policy.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..errors import DiffAugError
 from ..files import write_atomic
 from ..policy import PolicyAugmenter
-from .data import cifar, mnist5k, photo_patches, small_models
+from .data import cifar, mnist5k, photo_patches, random_crop_flip, small_models
 from .loop import Distiller
 
 
@@ -59,14 +60,19 @@ def train_teacher(model: torch.nn.Module, loader: DataLoader, epochs: int, devic
     return model.eval()
 
 
+def standard_augment(data: str) -> Callable[[Tensor, torch.Generator], Tensor]:
+    """The paper's baseline augmentation for every model: a 4-px padded random crop, and a flip except on digits."""
+    return functools.partial(random_crop_flip, padding=4, flip=data != "mnist")
+
+
 def cached_teacher(args: argparse.Namespace, teacher: torch.nn.Module, train: Dataset) -> torch.nn.Module:
-    path = Path(args.cache_dir) / f"teacher-{args.data}-{args.train_size}-seed{args.seed}-e{args.teacher_epochs}.pt"
+    path = Path(args.cache_dir) / f"teacher-{args.data}-{args.train_size}-seed{args.seed}-e{args.teacher_epochs}-cropflip.pt"
     if path.is_file():
         teacher.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         print(f"teacher loaded from {path}", file=sys.stderr)
         return teacher.eval()
     loader = DataLoader(train, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(args.seed))
-    train_teacher(teacher, loader, args.teacher_epochs, args.device)
+    train_teacher(teacher, loader, args.teacher_epochs, args.device, standard_augment(args.data), seed=args.seed)
     write_atomic(path, lambda temporary: torch.save(teacher.state_dict(), temporary))
     print(f"teacher trained and cached in {path}", file=sys.stderr)
     return teacher.cpu().eval()
@@ -93,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         teacher, student = small_models(channels, classes, seed=args.seed)
         teacher = cached_teacher(args, teacher, train)
         augmenter = PolicyAugmenter()
-        distiller = Distiller(teacher, student, augmenter, lr=args.lr, device=args.device, amp=args.amp, seed=args.seed)
+        distiller = Distiller(teacher, student, augmenter, standard_augment=standard_augment(args.data), lr=args.lr,
+                              device=args.device, amp=args.amp, seed=args.seed)
         out = Path(args.out)
         if args.resume:
             distiller.load(out / "checkpoint.pt")
