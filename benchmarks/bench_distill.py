@@ -18,7 +18,9 @@ Protocol (README, "Does the search help?"):
   RandAugment(n=2, m=10) as x_hat); "tst" (KD with Stage II searching the policy).
 
 Results go to --results (JSON, one record a run, rewritten atomically after each run); a killed run is resumed
-by rerunning the same command: finished runs are read back, not rerun. Runs go in --jobs processes of one thread.
+by rerunning the same command: finished runs are read back, not rerun. Every run measures its student on both
+the validation and the test split (a run chosen on validation is not trained again for the test table); what
+is printed is the --split asked for. Runs go in --jobs processes of one thread each.
 """
 
 from __future__ import annotations
@@ -154,7 +156,9 @@ def setup(config: dict[str, Any], cache: Path) -> tuple[Splits, DataLoader, torc
 
 
 def run(config: dict[str, Any], cache: Path) -> dict[str, Any]:
-    """One arm of one seed; returns the accuracy on the config's split and the validation curve."""
+    """One arm of one seed; returns its final accuracy on the validation and the test split, and the validation
+    curve. Both are measured so that a run chosen on validation need not be trained again for its test number;
+    the tables and progress lines show only the split asked for."""
     started = time.perf_counter()
     splits, loader, student, distiller = setup(config, cache)
     record: dict[str, Any] = {}
@@ -170,7 +174,7 @@ def run(config: dict[str, Any], cache: Path) -> dict[str, Any]:
             record["policy"] = history["epochs"][-1]["policy"]
             record["search"] = [e["search"] for e in history["epochs"] if "search" in e]
     record["validation_curve"] = curve
-    record["accuracy"] = curve[-1] if config["split"] == "validation" else accuracy(student, splits.test)
+    record["validation"], record["test"] = curve[-1], accuracy(student, splits.test)
     record["seconds"] = round(time.perf_counter() - started, 1)
     return record
 
@@ -233,21 +237,54 @@ def policy_movement(policies: list[dict[str, dict[str, float]]]) -> dict[str, An
     return {**moved, "ops": final}
 
 
-def report(runs: list[dict[str, Any]]) -> str:
-    """Markdown tables: per group (task, epochs, split, settings) the arms' mean +- std and the paired differences."""
+def _load(path: Path) -> dict[str, Any]:
+    stored = json.loads(path.read_text()) if path.is_file() else {"runs": [], "teachers": []}
+    return {"runs": [_upgrade(r) for r in stored["runs"]], "teachers": stored["teachers"]}
+
+
+def _store(path: Path, kind: str, config: dict[str, Any], result: dict[str, Any]) -> None:
+    """Add one finished run (or teacher) to the results file, replacing an older record of it. The file is read
+    again under a lock first, so that two harness commands can share one file (POSIX file locks)."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        stored = _load(path)
+        if kind == "teacher":
+            stored["teachers"] = [d for d in stored["teachers"] if {**d, **config} != d] + [result]
+        else:
+            stored["runs"] = [r for r in stored["runs"] if _key(r["config"]) != _key(config)]
+            stored["runs"].append({"config": config, "result": result})
+        text = json.dumps(stored, indent=1)
+        write_atomic(path, lambda temporary: Path(temporary).write_text(text))
+
+
+def _upgrade(run: dict[str, Any]) -> dict[str, Any]:
+    """A record of the first format (one split measured, named in the config) in the current one."""
+    if "split" not in run["config"]:
+        return run
+    config = {k: v for k, v in run["config"].items() if k != "split"}
+    result = {k: v for k, v in run["result"].items() if k != "accuracy"} | {run["config"]["split"]: run["result"]["accuracy"]}
+    return {"config": config, "result": result}
+
+
+def report(runs: list[dict[str, Any]], split: str) -> str:
+    """Markdown tables: per group (task, epochs, settings) the arms' mean +- std on ``split`` and the paired
+    differences."""
     groups: dict[str, dict[str, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
     policies: dict[str, list[dict[str, dict[str, float]]]] = defaultdict(list)
     for r in runs:
         c = r["config"]
-        group = json.dumps({k: c[k] for k in ("task", "epochs", "split")} | {"settings": c["settings"]}, sort_keys=True)
-        groups[group][c["arm"]][c["seed"]] = 100 * r["result"]["accuracy"]
+        group = json.dumps({k: c[k] for k in ("task", "epochs")} | {"settings": c["settings"]}, sort_keys=True)
+        groups[group][c["arm"]][c["seed"]] = 100 * r["result"][split]
         if "policy" in r["result"]:
             policies[group].append(r["result"]["policy"])
     lines = []
     for group, arms in sorted(groups.items()):
         g = json.loads(group)
         changed = {k: v for k, v in g["settings"].items() if v != DEFAULTS[k]}
-        lines += [f"\n{g['task']}, {g['epochs']} epochs, {g['split']} accuracy (%), settings {changed or 'default'}",
+        lines += [f"\n{g['task']}, {g['epochs']} epochs, {split} accuracy (%), settings {changed or 'default'}",
                   "| arm | seeds | mean ± std |", "|---|---|---|"]
         for arm in ARMS:
             if arm in arms:
@@ -287,12 +324,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="parallel processes, one thread each (default %(default)s)")
     args = parser.parse_args(argv)
     epochs = _parse_epochs(args.epochs)
-    configs = [{"task": t, "arm": a, "seed": s, "epochs": e, "teacher_epochs": args.teacher_epochs, "split": args.split,
-                "settings": settings}
+    configs = [{"task": t, "arm": a, "seed": s, "epochs": e, "teacher_epochs": args.teacher_epochs, "settings": settings}
                for t, s, settings, a in itertools.product(args.tasks, args.seeds, _parse_settings(args.settings), args.arms)
                for e in epochs.get(t, epochs.get("*", []))]
-    stored = json.loads(args.results.read_text()) if args.results.is_file() else {"runs": [], "teachers": []}
-    done = {_key(r["config"]) for r in stored["runs"]}
+    stored = _load(args.results)
+    done = {_key(r["config"]) for r in stored["runs"] if args.split in r["result"]}
     pending = [c for c in configs if _key(c) not in done]
     # A teacher is trained where the cache lacks it (a fresh clone) and recorded once.
     teachers = [{"task": t, "seed": s, "epochs": args.teacher_epochs} for t, s in itertools.product(args.tasks, args.seeds)
@@ -305,19 +341,17 @@ def main(argv: list[str] | None = None) -> int:
     with context.Pool(args.jobs) as pool:
         for phase in (jobs, [("run", c, str(args.cache_dir)) for c in pending]):  # teachers first, shared by arms
             for count, (kind, config, result) in enumerate(pool.imap_unordered(_work, phase), 1):
+                _store(args.results, kind, config, result)
                 if kind == "teacher":
-                    stored["teachers"] = [d for d in stored["teachers"] if {**d, **config} != d] + [result]
                     line = f"teacher {config['task']} seed {config['seed']}: validation {result['validation']:.4f}"
                 else:
-                    stored["runs"].append({"config": config, "result": result})
                     changed = {k: v for k, v in config["settings"].items() if v != DEFAULTS[k]}
                     line = (f"{config['task']} {config['arm']} seed {config['seed']} {config['epochs']} epochs "
-                            f"{changed or ''}: {config['split']} {result['accuracy']:.4f} [{result['seconds']:.0f} s]")
-                text = json.dumps(stored, indent=1)
-                write_atomic(args.results, lambda temporary, text=text: Path(temporary).write_text(text))
+                            f"{changed or ''}: {args.split} {result[args.split]:.4f} [{result['seconds']:.0f} s]")
                 print(f"[{count}/{len(phase)}] {line}", flush=True)
     wanted = {_key(c) for c in configs}
-    print(report([r for r in stored["runs"] if _key(r["config"]) in wanted]))
+    final = _load(args.results)["runs"]  # with what another command sharing the file added meanwhile
+    print(report([r for r in final if _key(r["config"]) in wanted and args.split in r["result"]], args.split))
     return 0
 
 

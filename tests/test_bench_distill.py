@@ -34,22 +34,32 @@ def _run(*args: str) -> str:
 
 @pytest.mark.slow
 def test_smoke_run_of_every_arm_on_both_tasks_and_its_resume(tmp_path: Path) -> None:
-    args = ["--epochs", "1", "--teacher-epochs", "1", "--seeds", "0", "--jobs", "1", "--split", "validation",
+    args = ["--epochs", "1", "--teacher-epochs", "1", "--seeds", "0", "--jobs", "1",
             "--results", str(tmp_path / "runs.json"), "--cache-dir", str(tmp_path / "teachers")]
-    out = _run(*args)
+    out = _run(*args, "--split", "validation")
     assert "2 teachers and 10 runs to go" in out
     stored = json.loads((tmp_path / "runs.json").read_text())
     assert len(stored["runs"]) == 10 and len(stored["teachers"]) == 2
     arms = {(r["config"]["task"], r["config"]["arm"]) for r in stored["runs"]}
     assert arms == {(t, a) for t in ("mnist", "photos") for a in ("student", "kd", "fixed", "randaugment", "tst")}
     for r in stored["runs"]:
-        assert 0 <= r["result"]["accuracy"] <= 1 and len(r["result"]["validation_curve"]) == 1
+        assert 0 <= r["result"]["validation"] <= 1 and 0 <= r["result"]["test"] <= 1
+        assert r["result"]["validation"] == r["result"]["validation_curve"][-1]
         if r["config"]["arm"] == "tst":
             assert r["result"]["search"] and set(r["result"]["policy"]) >= {"Rotate", "Invert"}
     assert "| tst − kd | 1 |" in out and "photos, 1 epochs, validation accuracy" in out
-    again = _run(*args)  # resumed: nothing is trained twice
+    again = _run(*args, "--split", "validation")  # resumed: nothing is trained twice
     assert "10 of 10 runs already" in again and "0 teachers and 0 runs to go" in again
     assert json.loads((tmp_path / "runs.json").read_text()) == stored
+    test = _run(*args, "--split", "test")  # the same runs, their test numbers: nothing trained again
+    assert "10 of 10 runs already" in test and "photos, 1 epochs, test accuracy" in test
+
+
+def test_records_of_the_first_format_are_read_as_one_split() -> None:
+    old = {"config": {"task": "mnist", "arm": "kd", "seed": 0, "split": "validation"},
+           "result": {"accuracy": 0.9, "seconds": 1.0}}
+    assert _bench()._upgrade(old) == {"config": {"task": "mnist", "arm": "kd", "seed": 0},
+                                      "result": {"validation": 0.9, "seconds": 1.0}}
 
 
 def test_paired_interval_is_the_t_interval_of_the_differences() -> None:
