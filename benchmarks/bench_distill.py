@@ -303,7 +303,29 @@ def report(runs: list[dict[str, Any]], split: str) -> str:
             lines.append(f"\nHow far Stage II moved the policy from p = m = 0.5 (mean over seeds): largest |Δp| "
                          f"{moved['probability']:.3f}, largest |Δm| {moved['magnitude']:.3f}; "
                          f"most moved: {moved['ops']}")
-    return "\n".join(lines)
+    return "\n".join(lines + _settings_differences(groups))
+
+
+def _settings_differences(groups: dict[str, dict[str, dict[int, float]]]) -> list[str]:
+    """For a study: each arm under changed settings against the same arm, task and epochs under the defaults,
+    as paired differences over the seeds both have."""
+    lines: list[str] = []
+    for group, arms in sorted(groups.items()):
+        g = json.loads(group)
+        changed = {k: v for k, v in g["settings"].items() if v != DEFAULTS[k]}
+        default = groups.get(json.dumps({"task": g["task"], "epochs": g["epochs"], "settings": DEFAULTS}, sort_keys=True))
+        if not changed or default is None:
+            continue
+        for arm, values in arms.items():
+            seeds = sorted(set(values) & set(default.get(arm, {})))
+            if seeds:
+                mean, half = paired_interval([values[s] - default[arm][s] for s in seeds])
+                lines.append(f"| {g['task']} | {arm} | {changed} − default | {len(seeds)} | "
+                             f"{mean:+.2f} [{mean - half:+.2f}, {mean + half:+.2f}] |")
+    if lines:
+        lines = ["\nsettings against the defaults, paired over seeds", "| task | arm | settings | seeds | mean [95 % interval] |",
+                 "|---|---|---|---|---|", *lines]
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

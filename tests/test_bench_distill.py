@@ -87,3 +87,20 @@ def test_epochs_for_every_task_or_per_task() -> None:
     assert bench._parse_epochs(["mnist=80", "photos=40", "photos=20"]) == {"mnist": [80], "photos": [40, 20]}
     with pytest.raises(SystemExit, match=r"--epochs takes E or TASK=E with TASK one of \['mnist', 'photos'\]; got 'cifar=3'"):
         bench._parse_epochs(["cifar=3"])
+
+
+def test_report_pairs_arms_and_settings_by_seed() -> None:
+    bench = _bench()
+
+    def record(arm: str, seed: int, accuracy: float, **settings) -> dict:
+        config = {"task": "mnist", "arm": arm, "seed": seed, "epochs": 2, "teacher_epochs": 1,
+                  "settings": {**bench.DEFAULTS, **settings}}
+        return {"config": config, "result": {"validation": accuracy}}
+
+    runs = [record("kd", s, 0.90 + 0.01 * s) for s in range(3)]
+    runs += [record("tst", s, 0.91 + 0.01 * s + 0.001 * s) for s in range(3)]
+    runs += [record("tst", s, 0.92 + 0.01 * s, search_lr=0.1) for s in range(3)]
+    text = bench.report(runs, "validation")
+    # tst - kd per seed: +1.0, +1.1, +1.2 points; mean +1.1, interval 4.303 * 0.1 / sqrt(3) = 0.25 wide each side.
+    assert "| tst − kd | 3 | +1.10 [+0.85, +1.35] |" in text
+    assert "| mnist | tst | {'search_lr': 0.1} − default | 3 | +0.90 [+0.65, +1.15] |" in text
