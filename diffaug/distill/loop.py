@@ -11,7 +11,6 @@ Stage II SGD lr 0.01 momentum 0.9 on the policy logits only, one pass at 1/8 and
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import os
@@ -35,6 +34,9 @@ from ..policy import PolicyAugmenter, ReferencePolicy
 from .objective import kd_loss, tst_terms
 
 __all__ = ["Distiller"]
+
+# Augmenters that draw from the Distiller's generator and report a policy; other modules use the global RNG.
+_POLICIES = (PolicyAugmenter, ReferencePolicy)
 
 
 def _rank() -> int:
@@ -182,12 +184,12 @@ class Distiller:
         return x if self.standard_augment is None else self.standard_augment(x, self.generator)
 
     def _augment(self, x: Tensor) -> Tensor:
-        if isinstance(self.augmenter, (PolicyAugmenter, ReferencePolicy)):
+        if isinstance(self.augmenter, _POLICIES):
             return self.augmenter(x, generator=self.generator)
         return self.augmenter(x)  # a module with its own randomness (the global RNG, seeded and checkpointed)
 
     def _policy(self) -> dict[str, dict[str, float]] | None:
-        return self.augmenter.policy() if isinstance(self.augmenter, (PolicyAugmenter, ReferencePolicy)) else None
+        return self.augmenter.policy() if isinstance(self.augmenter, _POLICIES) else None
 
     def search_step(self, x: Tensor, y: Tensor) -> dict[str, float]:
         """One Stage II step: only the augmenter's logits move; teacher and student are frozen in eval mode."""
@@ -283,8 +285,10 @@ class Distiller:
     def _search_block(self, train_loader: Iterable) -> list[dict[str, Any]]:
         """Stage II for ``search_steps`` steps (default one pass), in as many passes over the data as that takes."""
         records: list[dict[str, Any]] = []
-        for passes in itertools.count():
-            self._epoch_order(train_loader, 10**6 * (passes + 1) + self.epoch)
+        passes = 0
+        while True:
+            passes += 1
+            self._epoch_order(train_loader, 10**6 * passes + self.epoch)
             before = len(records)
             for batch in train_loader:
                 if self.search_steps is not None and len(records) >= self.search_steps:
@@ -294,7 +298,6 @@ class Distiller:
                 self.iteration += 1
             if self.search_steps is None or len(records) >= self.search_steps or len(records) == before:
                 return records
-        raise AssertionError("unreachable")  # pragma: no cover
 
     def fit(self, train_loader: Iterable, epochs: int, val_loader: Iterable | None = None,
             checkpoint: str | os.PathLike | None = None) -> dict[str, list[dict[str, Any]]]:
