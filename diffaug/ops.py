@@ -70,7 +70,7 @@ def _blend(degenerate: Tensor, x: Tensor, factor: Tensor) -> Tensor:
     return clip01(x + (factor - 1) * (x - degenerate))
 
 
-def warp(x: Tensor, linear: Tensor, shift: Tensor) -> Tensor:
+def warp(x: Tensor, linear: Tensor, shift: Tensor, mode: Literal["bilinear", "nearest"] = "bilinear") -> Tensor:
     """Sample ``x`` at ``linear @ (p - centre) + centre + shift * size`` for each output pixel ``p``, bilinearly,
     black outside the image.
 
@@ -87,16 +87,17 @@ def warp(x: Tensor, linear: Tensor, shift: Tensor) -> Tensor:
         x: (B, C, H, W) images.
         linear: (B, 2, 2) maps in pixel units, output to input (PIL's convention).
         shift: (B, 2) input offsets as a fraction of (W, H).
+        mode: "bilinear" for images and soft masks; "nearest" for label maps.
     """
     if torch.is_autocast_enabled(x.device.type):  # a half-precision grid would move pixels by ~1e-3 of the size
         with torch.autocast(x.device.type, enabled=False):
-            return warp(x, linear, shift)
+            return warp(x, linear, shift, mode)
     height, width = x.shape[-2:]
     scaled = linear.to(x.dtype) * grid_scale(height, width, x)
     # Per image: the grid's (x, y) step per unit of u, per unit of v, and its offset; see _grid_basis.
     theta = torch.cat([scaled.transpose(1, 2).reshape(-1, 4), 2 * shift.to(x.dtype)], dim=1)
     grid = (theta @ _grid_basis(height, width, x.dtype, x.device)).view(-1, height, width, 2)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return F.grid_sample(x, grid, mode=mode, padding_mode="zeros", align_corners=False)
 
 
 def grid_scale(height: int, width: int, like: Tensor) -> Tensor:

@@ -22,13 +22,18 @@ from torch import Tensor, nn
 from .encoders import AffineEncoder, MagnitudeNetStack, MetaEncoder
 from .errors import DiffAugError, check_images, check_names
 from .ops import get_op, op_names, warp
+from .targets import Augmented, check_targets, move_targets
 
-__all__ = ["MAGNITUDE_SAMPLINGS", "PolicyAugmenter", "PolicySample", "ReferencePolicy", "relaxed_bernoulli"]
+__all__ = ["GEOMETRIES", "MAGNITUDE_SAMPLINGS", "PolicyAugmenter", "PolicySample", "ReferencePolicy", "relaxed_bernoulli"]
 
 MagnitudeSampling = Literal["relaxed", "mean", "uniform"]
 MAGNITUDE_SAMPLINGS: tuple[str, ...] = ("relaxed", "mean", "uniform")
+Geometry = Literal["residual", "composed"]
+GEOMETRIES: tuple[str, ...] = ("residual", "composed")
 
 _EXPORT_FORMAT = 1
+# The settings every format-1 dict holds; those added since (geometry, ignore_index) take their defaults if absent.
+_FORMAT_1_SETTINGS = ("ops", "n_ops", "temperature", "selection", "magnitude_sampling", "mean", "std")
 
 # An op whose gate is below this, or whose magnitude is (every op is the identity at m = 0), contributes less than a
 # millionth of its residual and of its gradient (d sigmoid(z / tau) / dz = s (1 - s) / tau < 2e-5 there). Skipping
@@ -114,7 +119,7 @@ class _Policy(nn.Module):
     # Whether the logits are parameters (learned) or buffers (a fixed policy).
     _learnable = True
     # The constructor arguments that settings() reports and from_dict() reads back.
-    _setting_names: tuple[str, ...] = ("ops", "n_ops", "temperature", "selection", "magnitude_sampling", "mean", "std")
+    _setting_names: tuple[str, ...] = (*_FORMAT_1_SETTINGS, "geometry", "ignore_index")
 
     def __init__(
         self,
@@ -126,6 +131,8 @@ class _Policy(nn.Module):
         temperature: float = 0.05,
         selection: Literal["sample", "batch"] = "sample",
         magnitude_sampling: MagnitudeSampling = "relaxed",
+        geometry: Geometry = "residual",
+        ignore_index: int = 255,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         seed: int | None = None,
@@ -140,6 +147,12 @@ class _Policy(nn.Module):
             raise DiffAugError(f"temperature must be a positive number; got {temperature!r}")
         _check_choice("selection", selection, ("sample", "batch"))
         _check_choice("magnitude_sampling", magnitude_sampling, MAGNITUDE_SAMPLINGS)
+        _check_choice("geometry", geometry, GEOMETRIES)
+        if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+            raise DiffAugError(f"ignore_index must be an int (the label of pixels from outside the image); got "
+                               f"{ignore_index!r}")
+        self.geometry = geometry
+        self.ignore_index = ignore_index
         self.n_ops = n_ops
         self.temperature = float(temperature)
         self.selection = selection
@@ -164,6 +177,7 @@ class _Policy(nn.Module):
         affine = tuple(k for k, n in enumerate(self.ops) if get_op(n).kind == "affine")
         others = [(k,) for k, n in enumerate(self.ops) if get_op(n).kind != "affine"]
         self._groups = tuple(sorted(others + ([affine] if affine else [])))
+        self._affine_group = self._groups.index(affine) if affine else None
         self._set_normalisation(mean, std)
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
 
@@ -211,13 +225,38 @@ class _Policy(nn.Module):
     # ----------------------------------------------------------------------------------------------------------
     # Applying
 
-    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Augment ``x`` with a fresh sample of the policy."""
+    def forward(
+        self,
+        x: Tensor,
+        generator: torch.Generator | None = None,
+        *,
+        masks: Tensor | None = None,
+        boxes: Sequence[Tensor] | None = None,
+        keypoints: Sequence[Tensor] | None = None,
+    ) -> Tensor | Augmented:
+        """Augment ``x`` with a fresh sample of the policy; targets given move with it (see ``apply``)."""
         check_images(x, self._input_name, self._input_range)
-        return self._augment(x, self.sample(1 if x.dim() == 3 else x.shape[0], generator))
+        sample = self.sample(1 if x.dim() == 3 else x.shape[0], generator)
+        return self._augment(x, sample, masks, boxes, keypoints)
 
-    def apply(self, x: Tensor, sample: PolicySample | None = None) -> Tensor:  # type: ignore[override]
-        """Replay ``sample`` on ``x`` (Eq. 5): x + sum over the drawn ops of gate * (f(x, m) - x), clipped.
+    def apply(  # type: ignore[override]
+        self,
+        x: Tensor,
+        sample: PolicySample | None = None,
+        *,
+        masks: Tensor | None = None,
+        boxes: Sequence[Tensor] | None = None,
+        keypoints: Sequence[Tensor] | None = None,
+    ) -> Tensor | Augmented:
+        """Replay ``sample`` on ``x``.
+
+        With ``geometry="residual"`` this is Eq. 5: x + sum over the drawn ops of gate * (f(x, m) - x), clipped.
+        With ``geometry="composed"`` the drawn affine ops make one map per image (each op's map pulled towards the
+        identity by its gate, composed in table order) and one warp; the other ops then add their gated residuals
+        to the warped image. Only then can targets follow: ``masks`` (B, H, W) integer labels or (B, K, H, W)
+        float masks, ``boxes`` (B tensors (N_i, 4), xyxy pixels) and ``keypoints`` (B tensors (N_i, 2), xy
+        pixels), which colour ops, Equalize, Invert and Cutout leave as they are. Given any of them, the result
+        is an ``Augmented`` (images, masks, boxes, keypoints, keep); otherwise the images alone.
 
         Called with a function alone, this is ``nn.Module.apply(fn)``, as a parent module calls it (for example
         ``model.apply(init_weights)`` on a model holding the augmenter).
@@ -227,9 +266,25 @@ class _Policy(nn.Module):
         if not isinstance(sample, PolicySample):
             raise DiffAugError(f"sample must be a PolicySample from sample(); got {type(sample).__name__}")
         check_images(x, self._input_name, self._input_range)
-        return self._augment(x, sample)
+        return self._augment(x, sample, masks, boxes, keypoints)
 
-    def _augment(self, x: Tensor, sample: PolicySample) -> Tensor:
+    def _augment(
+        self,
+        x: Tensor,
+        sample: PolicySample,
+        masks: Tensor | None = None,
+        boxes: Sequence[Tensor] | None = None,
+        keypoints: Sequence[Tensor] | None = None,
+    ) -> Tensor | Augmented:
+        with_targets = masks is not None or boxes is not None or keypoints is not None
+        if with_targets:
+            if self.geometry != "composed":
+                raise DiffAugError(
+                    'masks, boxes and keypoints need one geometry per image: build the augmenter with '
+                    'geometry="composed"; this one has geometry="residual" (Eq. 5), whose images can blend '
+                    "differently moved copies that no target could follow"
+                )
+            check_targets(x, masks, boxes, keypoints)
         unbatched = x.dim() == 3
         images = x.unsqueeze(0) if unbatched else x
         if sample.ops != self.ops or len(sample) != images.shape[0]:
@@ -263,11 +318,19 @@ class _Policy(nn.Module):
             [None] * len(totals) if coefficients is None else coefficients.split(totals),
             strict=True,
         )
-        out = images.clone()  # accumulates x + sum of gated residuals in place: no full-batch temporaries
-        for columns, sizes, index, position, magnitude, gate, group_coefficients in per_group:
+        groups = list(per_group)
+        base = images
+        if self.geometry == "composed":  # geometry first, one warp per moved image; the other ops act on its output
+            affine = groups.pop(self._affine_group) if self._affine_group is not None else None
+            linear, shift, moved = self._compose(images, affine)
+            if moved.numel():
+                warped = warp(images.index_select(0, moved), linear.index_select(0, moved), shift.index_select(0, moved))
+                base = images.index_copy(0, moved, warped)
+        out = base.clone()  # accumulates base + sum of gated residuals in place: no full-batch temporaries
+        for columns, sizes, index, position, magnitude, gate, group_coefficients in groups:
             if index.numel() == 0:
                 continue
-            part = images.index_select(0, index)
+            part = base.index_select(0, index)
             names = [self.ops[k] for k in columns]
             changed = self._transform(names, sizes, part, magnitude, position, group_coefficients)
             out.index_add_(0, index, gate * (changed - part))
@@ -276,7 +339,45 @@ class _Policy(nn.Module):
             # the graph, with the zero gradient of skipped pairs, so that a loss on it alone can still backward().
             out = out + 0 * sample.gates.sum()
         out = self._normalise(F.hardtanh_(out, 0.0, 1.0))  # clip01, in place
-        return out.squeeze(0) if unbatched else out
+        out = out.squeeze(0) if unbatched else out
+        if not with_targets:
+            return out
+        moved_targets = move_targets(linear, shift, moved, masks, boxes, keypoints, tuple(x.shape[-2:]),
+                                     self.ignore_index)
+        return Augmented(out, *moved_targets)
+
+    def _compose(self, images: Tensor, group: tuple | None) -> tuple[Tensor, Tensor, Tensor]:
+        """Each image's drawn affine ops as one map: (B, 2, 2) linear, (B, 2) shift (``warp``'s arguments) and the
+        indices of the images whose map is not the identity.
+
+        An op's map is pulled towards the identity by its gate g (I + g (L - I), g t), so the result is
+        differentiable in gates and magnitudes; the ops compose in table order, the first drawn acting first.
+        """
+        batch, height, width = images.shape[0], images.shape[-2], images.shape[-1]
+        eye = torch.eye(2, device=images.device)
+        linear, shift = eye.expand(batch, 2, 2), images.new_zeros(batch, 2, dtype=torch.float32)
+        if group is None or group[2].numel() == 0:
+            return linear, shift, group[2] if group is not None else shift.new_zeros(0, dtype=torch.long)
+        columns, sizes, index, _, magnitude, gate, coefficients = group
+        names = [self.ops[k] for k in columns]
+        op_linear, op_shift = (t.float() for t in self._geometry(names, sizes, magnitude, images, coefficients))
+        gate = gate.float().view(-1, 1, 1)
+        pixels = torch.tensor([width, height], dtype=torch.float32, device=images.device)
+        op_linear, op_shift = eye + gate * (op_linear - eye), gate.view(-1, 1) * op_shift * pixels
+        shift = shift * pixels  # composed in pixels: the two axes scale differently
+        # Output pixel q of op B samples the ops before it at L_B q + t_B, and those sample x at L_A (.) + t_A.
+        for idx, op_l, op_t in zip(index.split(sizes), op_linear.split(sizes), op_shift.split(sizes), strict=True):
+            if idx.numel() == 0:
+                continue
+            before_l, before_t = linear.index_select(0, idx), shift.index_select(0, idx)
+            linear = linear.index_copy(0, idx, before_l @ op_l)
+            shift = shift.index_copy(0, idx, (before_l @ op_t.unsqueeze(2)).squeeze(2) + before_t)
+        return linear, shift / pixels, index.unique()
+
+    def _geometry(self, names: list[str], sizes: list[int], magnitude: Tensor, x: Tensor,
+                  coefficients: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The affine group's maps (linear, shift), one per pair; here the exact ones."""
+        return self._matrices(names, sizes, magnitude, x)
 
     def _coefficients(self, magnitude: Tensor, columns: Tensor) -> Tensor | None:
         """The encoders' networks of m for every pair (magnitude, op column), if the subclass has them."""
@@ -286,8 +387,9 @@ class _Policy(nn.Module):
         self, names: list[str], sizes: list[int], x: Tensor, magnitude: Tensor, position: Tensor,
         coefficients: Tensor | None,
     ) -> Tensor:
-        """One group's output: ``sizes[i]`` consecutive images of ``x`` go through op ``names[i]``."""
-        raise NotImplementedError  # pragma: no cover
+        """One group's output: ``sizes[i]`` consecutive images of ``x`` go through op ``names[i]``; here the
+        reference ops."""
+        return self._render(names, sizes, x, magnitude, position)
 
     @staticmethod
     def _render(
@@ -304,23 +406,36 @@ class _Policy(nn.Module):
         ``coefficients`` are the encoders' networks of m, already evaluated (``MagnitudeNetStack``), or None."""
         spec = get_op(names[0])
         if spec.kind == "affine":
-            if coefficients is not None and all(type(encoders[n]) is AffineEncoder for n in names):  # type: ignore[index]
-                # The default encoders differ only in their networks of m, already evaluated: one map computation.
-                return warp(x, *AffineEncoder.maps(coefficients))
-            matrices = []
-            pieces = coefficients.split(sizes) if coefficients is not None else [None] * len(sizes)
-            for name, m, c in zip(names, magnitude.split(sizes), pieces, strict=True):
-                if m.numel() == 0:
-                    continue
-                if encoders is None:
-                    matrices.append(get_op(name).geometry(m.to(x.dtype)))  # type: ignore[misc]
-                else:
-                    matrices.append(encoders[name].matrices(m, x.shape[-2:], c))
-            linear, shift = (torch.cat(t) for t in zip(*matrices, strict=True))
-            return warp(x, linear, shift)
+            return warp(x, *_Policy._matrices(names, sizes, magnitude, x, encoders, coefficients))
         if encoders is None or not spec.has_magnitude:
             return spec.reference(x, magnitude, position)
         return encoders[spec.name].transform(x, magnitude, coefficients)
+
+    @staticmethod
+    def _matrices(
+        names: list[str],
+        sizes: list[int],
+        magnitude: Tensor,
+        x: Tensor,
+        encoders: Mapping[str, MetaEncoder] | None = None,
+        coefficients: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """The maps (linear, shift) of an affine group's pairs, from the encoders or (``encoders`` None) exact; ``x``
+        gives the image size and the dtype of the exact maps."""
+        if coefficients is not None and all(type(encoders[n]) is AffineEncoder for n in names):  # type: ignore[index]
+            # The default encoders differ only in their networks of m, already evaluated: one map computation.
+            return AffineEncoder.maps(coefficients)
+        matrices = []
+        pieces = coefficients.split(sizes) if coefficients is not None else [None] * len(sizes)
+        for name, m, c in zip(names, magnitude.split(sizes), pieces, strict=True):
+            if m.numel() == 0:
+                continue
+            if encoders is None:
+                matrices.append(get_op(name).geometry(m.to(x.dtype)))  # type: ignore[misc]
+            else:
+                matrices.append(encoders[name].matrices(m, x.shape[-2:], c))
+        linear, shift = (torch.cat(t) for t in zip(*matrices, strict=True))
+        return linear, shift
 
     # ----------------------------------------------------------------------------------------------------------
     # Normalisation
@@ -378,6 +493,8 @@ class _Policy(nn.Module):
             "temperature": self.temperature,
             "selection": self.selection,
             "magnitude_sampling": self.magnitude_sampling,
+            "geometry": self.geometry,
+            "ignore_index": self.ignore_index,
             "mean": None if self.mean is None else self.mean.flatten().tolist(),
             "std": None if self.std is None else self.std.flatten().tolist(),
         }
@@ -408,9 +525,9 @@ class _Policy(nn.Module):
         if not isinstance(data, Mapping) or data.get("format") != _EXPORT_FORMAT:
             got = data.get("format") if isinstance(data, Mapping) else type(data).__name__
             raise DiffAugError(f"policy dict must come from to_dict() (format {_EXPORT_FORMAT}); got format {got!r}")
-        missing = [k for k in _Policy._setting_names if k not in data]
+        missing = [k for k in _FORMAT_1_SETTINGS if k not in data]
         if missing:
-            raise DiffAugError(f"policy dict must hold the settings {list(_Policy._setting_names)}; missing {missing}")
+            raise DiffAugError(f"policy dict must hold the settings {list(_FORMAT_1_SETTINGS)}; missing {missing}")
         policy = cls(**{k: data[k] for k in cls._setting_names if k in data}, **kwargs)
         with torch.no_grad():
             for name in ("probability_logits", "magnitude_logits"):
@@ -439,6 +556,10 @@ class PolicyAugmenter(_Policy):
             (Eq. 4 as written), so an applied op is at strength about 0 or 1; "mean": sigmoid(theta_m) as is, no
             sampling (the authors' code); "uniform": sigmoid(theta_m) * u with u ~ U(0, 1), every strength up to
             the learned one (as TrivialAugment draws them), in train and eval mode alike.
+        geometry: "residual" composes by Eq. 5 (the paper: every drawn op's residual added to x, so two affine
+            ops give two blended copies); "composed" makes an image's affine ops one map and one warp, which masks,
+            boxes and keypoints can follow (see ``apply``).
+        ignore_index: with "composed", the label given to mask pixels brought in from outside the image.
         forward: "encoder" outputs the meta-encoders' pixels (the paper); "reference" outputs the exact reference
             ops while gradients flow through the encoders (straight-through).
         priors: "default" (the shipped fitted priors), a priors folder, a dict of encoders by op name, or None
@@ -473,6 +594,8 @@ class PolicyAugmenter(_Policy):
         temperature: float = 0.05,
         selection: Literal["sample", "batch"] = "sample",
         magnitude_sampling: MagnitudeSampling = "relaxed",
+        geometry: Geometry = "residual",
+        ignore_index: int = 255,
         forward: Literal["encoder", "reference"] = "encoder",
         priors: str | PathLike | Mapping[str, MetaEncoder] | None = "default",
         arch: str = "default",
@@ -482,7 +605,8 @@ class PolicyAugmenter(_Policy):
     ) -> None:
         super().__init__(
             ops, n_ops=n_ops, probability=probability, magnitude=magnitude, temperature=temperature,
-            selection=selection, magnitude_sampling=magnitude_sampling, mean=mean, std=std, seed=seed,
+            selection=selection, magnitude_sampling=magnitude_sampling, geometry=geometry,
+            ignore_index=ignore_index, mean=mean, std=std, seed=seed,
         )
         _check_choice("forward", forward, ("encoder", "reference"))
         self.forward_mode = forward
@@ -511,13 +635,28 @@ class PolicyAugmenter(_Policy):
     ) -> Tensor:
         if not get_op(names[0]).has_magnitude:
             return self._render(names, sizes, x, magnitude, position)
-        encoded = None
-        if self._needs_encoders(magnitude):
-            encoded = self._render(names, sizes, x, magnitude, position, self.encoders, coefficients)
+        return self._through_encoders(  # type: ignore[return-value]
+            magnitude, coefficients, lambda m, e, c: self._render(names, sizes, x, m, position, e, c))
+
+    def _geometry(self, names: list[str], sizes: list[int], magnitude: Tensor, x: Tensor,
+                  coefficients: Tensor | None) -> tuple[Tensor, Tensor]:
+        return self._through_encoders(  # type: ignore[return-value]
+            magnitude, coefficients, lambda m, e, c: self._matrices(names, sizes, m, x, e, c))
+
+    def _through_encoders(
+        self, magnitude: Tensor, coefficients: Tensor | None, render: Any
+    ) -> Tensor | tuple[Tensor, ...]:
+        """``render(magnitude, encoders, coefficients)`` (pixels or maps) as the forward mode wants it: through the
+        encoders, or exact (``encoders`` None) with the encoders' gradient (straight-through) when one is needed."""
+        encoded = render(magnitude, self.encoders, coefficients) if self._needs_encoders(magnitude) else None
         if self.forward_mode == "encoder":
-            return encoded  # type: ignore[return-value]
-        exact = self._render(names, sizes, x, magnitude.detach(), position)
-        return exact if encoded is None else exact + (encoded - encoded.detach())
+            return encoded
+        exact = render(magnitude.detach(), None, None)
+        if encoded is None:
+            return exact
+        if isinstance(exact, Tensor):
+            return exact + (encoded - encoded.detach())
+        return tuple(e + (n - n.detach()) for e, n in zip(exact, encoded, strict=True))
 
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "forward": self.forward_mode}
@@ -546,12 +685,6 @@ class ReferencePolicy(_Policy):
     @property
     def relaxed(self) -> bool:
         return False
-
-    def _transform(
-        self, names: list[str], sizes: list[int], x: Tensor, magnitude: Tensor, position: Tensor,
-        coefficients: Tensor | None,
-    ) -> Tensor:
-        return self._render(names, sizes, x, magnitude, position)
 
 
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:

@@ -1,0 +1,167 @@
+"""Targets that follow an augmenter's geometry: label masks, soft masks, boxes and keypoints.
+
+An augmenter with ``geometry="composed"`` moves each image by one map, the arguments of ``ops.warp``: the output
+pixel p samples the input at ``linear @ (p - c) + c + shift * (W, H)``, c the image centre. Masks are warped by
+the same map (label masks by nearest neighbour, soft masks bilinearly, as the images); points go the other way,
+through its inverse, to where their input pixel lands in the output. Coordinates are pixels with the image
+spanning [0, W] x [0, H] (pixel centres at i + 0.5), torchvision's detection convention; boxes are ``xyxy``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .errors import DiffAugError
+from .ops import warp
+
+__all__ = ["Augmented", "check_targets", "move_targets"]
+
+
+class Augmented(NamedTuple):
+    """What an augmenter returns when it is given targets; a field is None where that target was not given.
+
+    Attributes:
+        images: the augmented images, as without targets.
+        masks: (B, H, W) integer labels (pixels brought in from outside the image are ``ignore_index``) or
+            (B, K, H, W) float masks, warped as the images.
+        boxes: B tensors (N_i, 4), ``xyxy`` pixels: the box enclosing each box's four moved corners, clipped to
+            the image. Every box is returned, in order, so it stays aligned with its labels.
+        keypoints: B tensors (N_i, 2), ``xy`` pixels, moved (not clipped: a point may leave the image).
+        keep: B bool tensors (N_i,), False for a box with no area left inside the image (drop it, or mask its loss).
+    """
+
+    images: Tensor
+    masks: Tensor | None = None
+    boxes: list[Tensor] | None = None
+    keypoints: list[Tensor] | None = None
+    keep: list[Tensor] | None = None
+
+
+def _describe(x: object) -> str:
+    if isinstance(x, Tensor):
+        return f"{str(x.dtype).removeprefix('torch.')} of shape {tuple(x.shape)}"
+    return type(x).__name__
+
+
+def check_targets(
+    images: Tensor, masks: Tensor | None, boxes: Sequence[Tensor] | None, keypoints: Sequence[Tensor] | None
+) -> None:
+    """Raise ``DiffAugError`` for targets that do not fit ``images`` (B, C, H, W), naming what was expected."""
+    if images.dim() != 4:
+        raise DiffAugError(f"targets need a batch of images (B, C, H, W); got images of shape {tuple(images.shape)} "
+                           "(add the batch dimension with x.unsqueeze(0), and to the targets)")
+    b, _, h, w = images.shape
+    if masks is not None:
+        expected = (f"masks must be ({b}, {h}, {w}) integer labels or ({b}, K, {h}, {w}) float masks, matching the "
+                    "images")
+        if not isinstance(masks, Tensor) or masks.dim() not in (3, 4) or masks.shape[0] != b \
+                or tuple(masks.shape[-2:]) != (h, w):
+            raise DiffAugError(f"{expected}; got {_describe(masks)}")
+        if masks.dim() == 3 and (masks.is_floating_point() or masks.is_complex() or masks.dtype == torch.bool):
+            raise DiffAugError(f"{expected}; got {_describe(masks)} (label masks must be integers, e.g. "
+                               "masks.long(); soft masks need the K dimension)")
+        if masks.dim() == 4 and not masks.is_floating_point():
+            raise DiffAugError(f"{expected}; got {_describe(masks)} (a 4-d mask is K float masks per image)")
+    for name, points, width in (("boxes", boxes, 4), ("keypoints", keypoints, 2)):
+        if points is None:
+            continue
+        what = "xyxy boxes (N_i, 4)" if width == 4 else "xy keypoints (N_i, 2)"
+        expected = f"{name} must be a list of {b} float tensors of {what} in pixels, one per image"
+        if isinstance(points, Tensor) or not isinstance(points, Sequence) or len(points) != b:
+            got = f"a sequence of {len(points)}" if isinstance(points, Sequence) and not isinstance(points, Tensor) \
+                else _describe(points)
+            raise DiffAugError(f"{expected}; got {got}")
+        for i, p in enumerate(points):
+            if not isinstance(p, Tensor) or p.dim() != 2 or p.shape[1] != width or not p.is_floating_point():
+                raise DiffAugError(f"{expected}; got {_describe(p)} for image {i}")
+
+
+def _inverse(linear: Tensor) -> Tensor:
+    """Inverses of (N, 2, 2) maps, written out: the maps are near rotations and shears, far from singular."""
+    a, b, c, d = linear.reshape(-1, 4).unbind(1)
+    det = a * d - b * c
+    return torch.stack([d, -b, -c, a], dim=1).div(det.unsqueeze(1)).view(-1, 2, 2)
+
+
+def _move_points(points: list[Tensor], linear: Tensor, shift: Tensor, is_moved: Tensor, size: Tensor) -> Tensor:
+    """Every image's points (N_i, 2), concatenated, to where their input pixel lands: L^-1 (p - c - shift size) + c."""
+    flat = torch.cat(points)
+    image = torch.repeat_interleave(torch.arange(len(points), device=flat.device),
+                                    torch.tensor([len(p) for p in points], device=flat.device))
+    centre = size / 2
+    relative = flat - centre - (shift.to(flat.dtype) * size).index_select(0, image)
+    inverse = _inverse(linear.to(flat.dtype)).index_select(0, image)
+    out = (inverse @ relative.unsqueeze(2)).squeeze(2) + centre
+    # Images that did not move keep their points exactly (the identity map would cost rounding).
+    return torch.where(is_moved.index_select(0, image).unsqueeze(1), out, flat)
+
+
+def move_targets(
+    linear: Tensor,
+    shift: Tensor,
+    moved: Tensor,
+    masks: Tensor | None,
+    boxes: Sequence[Tensor] | None,
+    keypoints: Sequence[Tensor] | None,
+    size: tuple[int, int],
+    ignore_index: int,
+) -> tuple[Tensor | None, list[Tensor] | None, list[Tensor] | None, list[Tensor] | None]:
+    """Move checked targets (``check_targets``) by each image's map.
+
+    Args:
+        linear, shift: (B, 2, 2) and (B, 2), each image's map as ``ops.warp`` takes it, for images of ``size``.
+        moved: (B,) long, the images whose map is not the identity; the others keep their targets exactly.
+        masks, boxes, keypoints: the targets (None where not given).
+        ignore_index: the label of pixels brought in from outside the image in integer masks.
+
+    Returns:
+        masks, boxes, keypoints and the boxes' keep flags (None for what was not given).
+    """
+    is_moved = torch.zeros(linear.shape[0], dtype=torch.bool, device=linear.device).index_fill(0, moved, True)
+    if masks is not None:
+        masks = _warp_masks(masks.to(linear.device), linear, shift, moved, ignore_index)
+    keep = None
+    if boxes is not None:
+        boxes, keep = _move_boxes([b.to(linear.device) for b in boxes], linear, shift, is_moved, size)
+    if keypoints is not None:
+        keypoints = [k.to(linear.device) for k in keypoints]
+        flat = _move_points(keypoints, linear, shift, is_moved, _pixels(size, keypoints))
+        keypoints = list(flat.split([len(k) for k in keypoints]))
+    return masks, boxes, keypoints, keep
+
+
+def _pixels(size: tuple[int, int], like: Sequence[Tensor]) -> Tensor:
+    """(1, 2) image width and height, in the dtype of the points."""
+    height, width = size
+    return torch.tensor([[width, height]], dtype=like[0].dtype, device=like[0].device)
+
+
+def _warp_masks(masks: Tensor, linear: Tensor, shift: Tensor, moved: Tensor, ignore_index: int) -> Tensor:
+    if moved.numel() == 0:
+        return masks
+    part, linear, shift = masks.index_select(0, moved), linear.index_select(0, moved), shift.index_select(0, moved)
+    if masks.dim() == 4:  # soft masks: bilinear, differentiable, as the images
+        return masks.index_copy(0, moved, warp(part, linear, shift).to(masks.dtype))
+    # Labels + 1 as floats (exact below 2**24) warped by nearest neighbour: the zero padding then marks the pixels
+    # brought in from outside the image, which become ignore_index.
+    labels = warp((part.to(torch.float32) + 1).unsqueeze(1), linear.float(), shift.float(), "nearest")
+    labels = labels.squeeze(1).round().long() - 1
+    labels = torch.where(labels < 0, torch.full_like(labels, ignore_index), labels)
+    return masks.index_copy(0, moved, labels.to(masks.dtype))
+
+
+def _move_boxes(boxes: list[Tensor], linear: Tensor, shift: Tensor, is_moved: Tensor, size: tuple[int, int]
+                ) -> tuple[list[Tensor], list[Tensor]]:
+    """The box enclosing each box's four moved corners, clipped to the image, and whether any of it is left."""
+    counts = [len(b) for b in boxes]
+    corners = [b[:, [0, 1, 2, 1, 0, 3, 2, 3]].reshape(-1, 2) for b in boxes]  # (x1 y1) (x2 y1) (x1 y2) (x2 y2)
+    pixels = _pixels(size, boxes)
+    moved = _move_points(corners, linear, shift, is_moved, pixels).view(-1, 4, 2)
+    low = torch.minimum(moved.amin(dim=1).clamp(min=0), pixels)
+    high = torch.minimum(moved.amax(dim=1).clamp(min=0), pixels)
+    keep = ((high - low) > 0).all(dim=1)
+    return list(torch.cat([low, high], dim=1).split(counts)), list(keep.split(counts))
