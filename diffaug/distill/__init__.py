@@ -9,5 +9,7 @@ True
 
 from .loop import Distiller
 from .objective import kd_loss, log_one_minus_softmax, tst_loss
+from .tasks import Classification, Localisation, Segmentation, Task, box_iou
 
-__all__ = ["Distiller", "kd_loss", "log_one_minus_softmax", "tst_loss"]
+__all__ = ["Classification", "Distiller", "Localisation", "Segmentation", "Task", "box_iou", "kd_loss",
+           "log_one_minus_softmax", "tst_loss"]

@@ -31,7 +31,8 @@ from ..errors import DiffAugError
 from ..files import write_atomic
 from ..fit import Progress
 from ..policy import PolicyAugmenter, ReferencePolicy
-from .objective import kd_loss, tst_terms
+from ..targets import Augmented
+from .tasks import Task, resolve_task
 
 __all__ = ["Distiller"]
 
@@ -56,13 +57,19 @@ class Distiller:
     """Distil ``teacher`` into ``student`` on augmentations searched by ``augmenter`` (TST).
 
     Args:
-        teacher, student: classifiers mapping images to logits; the teacher is frozen throughout.
+        teacher, student: models of the task (classifiers mapping images to logits, by default); the teacher is
+            frozen throughout.
         augmenter: the PolicyAugmenter whose probability and magnitude logits Stage II learns; or any module
             mapping an image batch to an augmented one (a ``ReferencePolicy``, kornia's ``RandAugment``,
             ``nn.Identity()`` for plain KD) to train on a fixed augmentation with no search (then
             ``search_epochs`` must be empty).
+        task: "classification" (labels), "segmentation" (per-pixel labels) or a ``diffaug.distill.Task`` (e.g.
+            ``Localisation``): what the loader's targets are, how they follow the augmentation, what Stage II's
+            two terms and Stage III's loss are, and the metric of ``evaluate``. Tasks whose targets move (masks,
+            boxes) need an augmenter with ``geometry="composed"`` (or ``nn.Identity()``).
         standard_augment: applied to every training batch on the device before both stages, as
-            ``standard_augment(images, generator)``; the paper's baselines all use a padded random crop and a
+            ``standard_augment(images, generator)`` (for tasks whose targets move: ``standard_augment(images,
+            targets, generator) -> (images, targets)``); the paper's baselines all use a padded random crop and a
             flip (``diffaug.distill.data.random_crop_flip``). Drawn from the Distiller's seeded generator, so
             runs stay reproducible and resume exactly. Default: none.
         lr, momentum, weight_decay, nesterov: Stage III SGD.
@@ -90,6 +97,7 @@ class Distiller:
         student: nn.Module,
         augmenter: nn.Module,
         *,
+        task: str | Task = "classification",
         standard_augment: Callable[[Tensor, torch.Generator], Tensor] | None = None,
         lr: float = 0.1,
         momentum: float = 0.9,
@@ -118,6 +126,18 @@ class Distiller:
         if not self.searchable and (search_epochs is None or len(search_epochs) > 0):
             raise DiffAugError(f"Stage II searches a PolicyAugmenter's logits; with a {type(augmenter).__name__} "
                                f"augmenter pass search_epochs=[]; got search_epochs={search_epochs!r}")
+        self.task = resolve_task(task)
+        if self.task.moves_targets and not isinstance(augmenter, nn.Identity):
+            geometry = getattr(augmenter, "geometry", None)
+            if not isinstance(augmenter, _POLICIES) or geometry != "composed":
+                raise DiffAugError(
+                    f"a {type(self.task).__name__} task's targets must follow the augmentation: pass a PolicyAugmenter "
+                    'or ReferencePolicy with geometry="composed" (or nn.Identity() for none); got a '
+                    f"{type(augmenter).__name__}" + (f" with geometry={geometry!r}" if geometry else ""))
+            ignore = getattr(self.task, "ignore_index", None)
+            if ignore is not None and ignore != augmenter.ignore_index:
+                raise DiffAugError(f"the augmenter's ignore_index ({augmenter.ignore_index}) must be the task's "
+                                   f"({ignore}): it labels the pixels brought in from outside the image")
         if standard_augment is not None and not callable(standard_augment):
             raise DiffAugError(f"standard_augment must be callable as f(images, generator); got {standard_augment!r}")
         self.standard_augment = standard_augment
@@ -132,6 +152,7 @@ class Distiller:
         self.teacher = teacher.to(self.device, memory_format=memory_format).eval().requires_grad_(False)
         self.student = student.to(self.device, memory_format=memory_format)
         self.augmenter = augmenter.to(self.device)
+        self.task = self.task.to(self.device)
         self.trained_student: nn.Module = self.student
         if self.world > 1:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
@@ -139,8 +160,9 @@ class Distiller:
             # Start every rank from rank 0's policy, so the logits stay identical (Stage II averages gradients).
             for p in self.augmenter.parameters():
                 dist.broadcast(p.data, src=0)
+        # The task's own parameters (a mimic adapter) learn with the student.
         self.optimiser = torch.optim.SGD(
-            self.student.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov
+            [*self.student.parameters(), *self.task.parameters()], lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov
         )
         # A fixed augmenter has nothing to search (and may have no parameters at all, which SGD refuses).
         self.search_optimiser = torch.optim.SGD(
@@ -167,10 +189,10 @@ class Distiller:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.amp == "bf16" else torch.float16)
 
-    def _batch(self, batch: Any) -> tuple[Tensor, Tensor]:
+    def _batch(self, batch: Any) -> tuple[Tensor, Any]:
         if not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
             raise DiffAugError(f"train_loader must yield (images, targets) pairs; got {type(batch).__name__}")
-        x, y = batch[0].to(self.device, non_blocking=True), batch[1].to(self.device, non_blocking=True)
+        x, y = batch[0].to(self.device, non_blocking=True), self.task.unpack(batch, self.device)
         return x.contiguous(memory_format=self.memory_format), y
 
     def _check_finite(self, loss: Tensor, stage: str) -> None:
@@ -180,28 +202,35 @@ class Distiller:
                 "before anything was saved, so the last checkpoint is intact (lower the learning rate or use bf16)"
             )
 
-    def _standard(self, x: Tensor) -> Tensor:
-        return x if self.standard_augment is None else self.standard_augment(x, self.generator)
+    def _standard(self, x: Tensor, y: Any) -> tuple[Tensor, Any]:
+        if self.standard_augment is None:
+            return x, y
+        return self.task.standard(self.standard_augment, x, y, self.generator)
 
-    def _augment(self, x: Tensor) -> Tensor:
+    def _augment(self, x: Tensor, **targets: Any) -> Tensor | Augmented:
         if isinstance(self.augmenter, _POLICIES):
-            return self.augmenter(x, generator=self.generator)
+            return self.augmenter(x, generator=self.generator, **targets)
+        if targets:  # nn.Identity(), the only other augmenter a task with moving targets accepts
+            return Augmented(self.augmenter(x), **targets)
         return self.augmenter(x)  # a module with its own randomness (the global RNG, seeded and checkpointed)
 
     def _policy(self) -> dict[str, dict[str, float]] | None:
         return self.augmenter.policy() if isinstance(self.augmenter, _POLICIES) else None
 
-    def search_step(self, x: Tensor, y: Tensor) -> dict[str, float]:
-        """One Stage II step: only the augmenter's logits move; teacher and student are frozen in eval mode."""
+    def search_step(self, x: Tensor, y: Any) -> dict[str, float]:
+        """One Stage II step: only the augmenter's logits move; teacher and student are frozen in eval mode.
+
+        The record's ``teacher_ce`` and ``student_term`` are the task's two terms (for classification, CE of the
+        teacher and -log(1 - p_S[y]))."""
         if not self.searchable:
             raise DiffAugError(f"Stage II needs a PolicyAugmenter; this Distiller has a {type(self.augmenter).__name__}")
-        x = self._standard(x)
+        x, y = self._standard(x, y)
         self.augmenter.train()
         self.student.eval()
         with self._autocast():
-            x_hat = self._augment(x)
-            teacher_logits, student_logits = self.teacher(x_hat), self.student(x_hat)
-            teacher_ce, student_term = tst_terms(teacher_logits, student_logits, y)
+            x_hat, y_hat = self.task.augment(self._augment, x, y)
+            teacher_out, student_out = self.teacher(x_hat), self.student(x_hat)
+            teacher_ce, student_term = self.task.search_terms(teacher_out, student_out, y_hat)
             loss = self.alpha * teacher_ce + self.beta * student_term  # Eq. 2, as tst_loss, terms kept for the log
         self._check_finite(loss, "Stage II (search)")
         params = list(self.augmenter.parameters())
@@ -215,49 +244,60 @@ class Distiller:
         self.search_optimiser.zero_grad(set_to_none=True)
         return {"loss": loss.item(), "teacher_ce": teacher_ce.item(), "student_term": student_term.item()}
 
-    def train_step(self, x: Tensor, y: Tensor) -> dict[str, float]:
+    def train_step(self, x: Tensor, y: Any) -> dict[str, float]:
         """One Stage III step: KD (Eq. 1) on cat([x_hat, x]), x_hat drawn from the policy without gradients.
 
         Besides the loss and the student's accuracy, it records the teacher's mean probability of the true class
         on x_hat and on x (``teacher_confidence``, ``teacher_confidence_clean``): the paper's Fig. 3, its
         diagnosis of a teacher too sure of itself to pass on much beyond the label (Table 8).
         """
-        x = self._standard(x)
+        x, y = self._standard(x, y)
         self.augmenter.eval()
         self.student.train()
         with torch.no_grad():
-            x_hat = self._augment(x)
-        inputs, targets = torch.cat([x_hat, x]), torch.cat([y, y])
+            x_hat, y_hat = self.task.augment(self._augment, x, y)
+        inputs, targets = torch.cat([x_hat, x]), self.task.cat(y_hat, y)
         with self._autocast():
             with torch.no_grad():
-                teacher_logits = self.teacher(inputs)  # once per step, for x_hat and x together
-            student_logits = self.trained_student(inputs)
-            loss = kd_loss(student_logits, teacher_logits, targets, self.temperature, self.w_ce, self.w_kl)
+                teacher_out = self.teacher(inputs)  # once per step, for x_hat and x together
+            student_out = self.trained_student(inputs)
+            loss = self.task.distill_loss(student_out, teacher_out, targets, self.temperature, self.w_ce, self.w_kl)
         self._check_finite(loss, "Stage III (KD)")
         self.optimiser.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        if self.world > 1:  # DDP averages the student's gradients; the task's own parameters are averaged here
+            for p in self.task.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= self.world
         self.scaler.step(self.optimiser)
         self.scaler.update()
-        accuracy = (student_logits.detach().argmax(1) == targets).float().mean()
-        confidence = teacher_logits.float().softmax(1).gather(1, targets[:, None]).view(2, -1).mean(1)
-        return {"loss": loss.item(), "accuracy": accuracy.item(), "teacher_confidence": confidence[0].item(),
-                "teacher_confidence_clean": confidence[1].item()}
+        with torch.no_grad():
+            logits, labels, image = self.task.class_scores(student_out, targets)
+            accuracy = (logits.argmax(1) == labels).float().mean()
+            t_logits, t_labels, t_image = self.task.class_scores(teacher_out, targets)
+            confidence = t_logits.float().softmax(1).gather(1, t_labels[:, None]).squeeze(1)
+            augmented = t_image < len(x)  # the first half of the batch is x_hat
+            halves = [confidence[augmented].mean(), confidence[~augmented].mean()]
+        return {"loss": loss.item(), "accuracy": accuracy.item(), "teacher_confidence": halves[0].item(),
+                "teacher_confidence_clean": halves[1].item()}
 
     @torch.no_grad()
     def evaluate(self, loader: Iterable) -> float:
-        """Top-1 accuracy of the student on ``loader`` (summed over ranks)."""
+        """The task's metric of the student on ``loader``, over every rank's share: top-1 accuracy for
+        classification, mean IoU for segmentation, box error in pixels for ``Localisation``."""
         self.student.eval()
-        correct = torch.zeros((), device=self.device)
-        total = torch.zeros((), device=self.device)
+        statistics: Tensor | None = None
         for batch in loader:
             x, y = self._batch(batch)
             with self._autocast():
-                correct += (self.student(x).argmax(1) == y).sum()
-            total += len(y)
+                batch_statistics = self.task.statistics(self.student(x), y)
+            statistics = batch_statistics if statistics is None else statistics + batch_statistics
+        if statistics is None:
+            raise DiffAugError("evaluate needs a loader with at least one batch; got an empty one")
         if self.world > 1:
-            dist.all_reduce(correct)
-            dist.all_reduce(total)
-        return (correct / total.clamp(min=1)).item()
+            dist.all_reduce(statistics)
+        return self.task.metric(statistics)
 
     # ----------------------------------------------------------------------------------------------------------
 
@@ -343,13 +383,14 @@ class Distiller:
             epoch_record["iteration"] = self.iteration
             epoch_record["policy"] = self._policy()
             if val_loader is not None:
-                epoch_record["val_accuracy"] = self.evaluate(val_loader)
+                epoch_record[f"val_{self.task.metric_name}"] = self.evaluate(val_loader)
             self.history["epochs"].append(epoch_record)
             self.epoch += 1
             if checkpoint is not None:
                 self.save(checkpoint)
             if self.progress:
-                val = f" val acc {epoch_record['val_accuracy']:.4f}" if "val_accuracy" in epoch_record else ""
+                name = f"val_{self.task.metric_name}"
+                val = f" {name.replace('_', ' ')} {epoch_record[name]:.4f}" if name in epoch_record else ""
                 search = " (searched)" if "search" in epoch_record else ""
                 print(f"epoch {self.epoch}/{epochs}{search}: train loss {epoch_record['train_loss']:.4f}{val} "
                       f"[{time.perf_counter() - started:.1f}s]", file=sys.stderr, flush=True)
@@ -361,6 +402,7 @@ class Distiller:
         return {
             "student": self.student.state_dict(),
             "augmenter": self.augmenter.state_dict(),
+            "task": self.task.state_dict(),
             "optimiser": self.optimiser.state_dict(),
             "search_optimiser": self.search_optimiser.state_dict() if self.search_optimiser is not None else {},
             "scaler": self.scaler.state_dict(),
@@ -380,6 +422,7 @@ class Distiller:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.student.load_state_dict(state["student"])
         self.augmenter.load_state_dict(state["augmenter"])
+        self.task.load_state_dict(state.get("task", {}))
         self.optimiser.load_state_dict(state["optimiser"])
         if self.search_optimiser is not None:
             self.search_optimiser.load_state_dict(state["search_optimiser"])
