@@ -1,4 +1,5 @@
-"""Runs small Distiller jobs in a fresh process, for the resume and DDP tests (``python tests/distill_worker.py``)."""
+"""Runs small Distiller jobs in a fresh process, for the resume and DDP tests:
+``python tests/distill_worker.py MODE OUT [TASK]``, TASK "classification" (default) or "localisation"."""
 
 from __future__ import annotations
 
@@ -9,15 +10,25 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from diffaug import PolicyAugmenter
-from diffaug.distill import Distiller
+from diffaug.distill import Distiller, Localisation
 from diffaug.distill.data import mnist5k, small_models
+from diffaug.distill.dense import dense_models, digit_scenes
+
+TASK = sys.argv[3] if len(sys.argv) > 3 else "classification"
 
 
 def make(seed: int = 0) -> tuple[Distiller, DataLoader]:
     torch.set_num_threads(1)
-    train, _ = mnist5k(train_size=120, seed=seed)
-    teacher, student = small_models(1, 10, seed=seed)
-    distiller = Distiller(teacher, student, PolicyAugmenter(), lr=0.05, search_epochs=[0, 1], search_steps=2,
+    if TASK == "localisation":  # a task with parameters of its own (the mimic adapter) and moving targets
+        train = digit_scenes("localisation", seed=seed, sizes=(120, 10, 10)).train
+        teacher, student = dense_models("localisation", seed=seed)
+        task = Localisation(student.feature_channels, teacher.feature_channels, (32, 32))
+        augmenter = PolicyAugmenter(geometry="composed")
+    else:
+        train, _ = mnist5k(train_size=120, seed=seed)
+        teacher, student = small_models(1, 10, seed=seed)
+        task, augmenter = "classification", PolicyAugmenter()
+    distiller = Distiller(teacher, student, augmenter, task=task, lr=0.05, search_epochs=[0, 1], search_steps=2,
                           search_lr=0.5, seed=seed, progress=False)
     if distiller.world > 1:
         sampler = DistributedSampler(train, shuffle=True, seed=seed)
@@ -46,14 +57,14 @@ def main() -> None:
         first_draw = distiller.augmenter.sample(4, generator=distiller.generator).selected
         distiller.fit(loader, 2)
         torch.save({"augmenter": distiller.augmenter.state_dict(), "first_draw": first_draw,
-                    "student": distiller.student.state_dict()},
+                    "student": distiller.student.state_dict(), "task": distiller.task.state_dict()},
                    os.path.join(out, f"rank{distiller.rank}.pt"))
         torch.distributed.destroy_process_group()
         return
     else:
         raise SystemExit(f"unknown mode {mode}")
     torch.save({"student": distiller.student.state_dict(), "augmenter": distiller.augmenter.state_dict(),
-                "history": distiller.history}, os.path.join(out, f"{mode}.pt"))
+                "task": distiller.task.state_dict(), "history": distiller.history}, os.path.join(out, f"{mode}.pt"))
 
 
 if __name__ == "__main__":
