@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from diffaug import PolicyAugmenter
 from diffaug.distill import Distiller
+from diffaug.distill import default_milestones
 from diffaug.distill.__main__ import standard_augment, train_teacher
 from diffaug.distill.data import Splits, small_models, task_splits
 from diffaug.files import write_atomic
@@ -116,7 +117,7 @@ def train_student_alone(student: torch.nn.Module, loader: DataLoader, epochs: in
                         validation: TensorDataset) -> list[float]:
     """Cross-entropy on x alone with the Distiller's optimiser and schedule; validation accuracy per epoch."""
     optimiser = torch.optim.SGD(student.parameters(), lr=STUDENT_LR, momentum=0.9, weight_decay=1e-4, nesterov=True)
-    milestones = [round(epochs * f) for f in (150 / 240, 180 / 240, 210 / 240)]
+    milestones = default_milestones(epochs)
     schedule = torch.optim.lr_scheduler.MultiStepLR(optimiser, milestones, 0.1)
     augment, generator = standard_augment(task), torch.Generator().manual_seed(seed)
     curve = []

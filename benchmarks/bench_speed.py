@@ -11,6 +11,9 @@ Measured per batch (median of repeats, after warm-up), at equal batch size and n
   encoders and per-batch op selection (``arch="paper", selection="batch"``: the paper's form, our code) and
   against the authors' augmentation module as measured on this machine (76-85 ms per 128x3x32x32 batch on one
   thread; their code has no licence and is not run here): the target is <= 20 ms, 4x faster;
+* ``geometry="composed"`` (one warp per image, what masks and boxes need) against the residual geometry, train
+  step to train step (target <= 1.2x), and the same step moving label masks and two boxes an image (target
+  <= 1.1x the composed step without them);
 * the memory-bandwidth floor, ``x.clone()``: the fraction of it reached, clone time / our time;
 * minor page faults per call (Linux): glibc returns freed heap memory to the system after every step and the next
   step faults it back in (about 2.5 us a page on this VM). Rerun with more lenient allocator settings to see how
@@ -70,6 +73,9 @@ def bench(batch: int, size: int, repeats: int) -> dict[str, tuple[float, float]]
     x = torch.rand(batch, 3, size, size, generator=generator)
     ours = PolicyAugmenter(seed=0)
     paper = PolicyAugmenter(seed=0, arch="paper", selection="batch")
+    composed = PolicyAugmenter(seed=0, geometry="composed")
+    masks = torch.randint(0, 11, (batch, size, size), generator=generator)
+    boxes = [torch.tensor([[2.0, 3.0, size / 2, size - 1.0], [size / 4, size / 4, size - 2.0, size / 2]])] * batch
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         kornia_randaugment = auto.RandAugment(n=2, m=10)
@@ -81,14 +87,15 @@ def bench(batch: int, size: int, repeats: int) -> dict[str, tuple[float, float]]
 
         return run
 
-    def train_step(module: PolicyAugmenter) -> Callable[[], object]:
+    def train_step(module: PolicyAugmenter, **targets: object) -> Callable[[], object]:
         # Gradients are cleared as the Stage II loop clears them (the optimiser's zero_grad, a walk over its own
         # list); Module.zero_grad walks every submodule of the frozen encoders, 0.3 ms that no training loop spends.
         optimiser = torch.optim.SGD(module.parameters(), lr=0.0)
 
         def run() -> object:
             optimiser.zero_grad(set_to_none=True)
-            module(x).mean().backward()
+            out = module(x, **targets)
+            (out if isinstance(out, torch.Tensor) else out.images).mean().backward()
             return module.probability_logits.grad
 
         return run
@@ -104,6 +111,8 @@ def bench(batch: int, size: int, repeats: int) -> dict[str, tuple[float, float]]
                 "ours eval fwd (no grad)": no_grad_forward(ours_eval),
                 "ours train fwd+bwd": train_step(ours_train),
                 "paper form train fwd+bwd": train_step(paper),
+                "composed train fwd+bwd": train_step(composed),
+                "composed + masks, boxes": train_step(copy.deepcopy(composed), masks=masks, boxes=boxes),
             },
             repeats,
         )
@@ -130,6 +139,9 @@ def main() -> None:
             lo, hi = AUTHORS_MS_128x32
             print(f"  authors' module {lo:.0f}-{hi:.0f} ms (measured earlier on this machine) / ours (target >= 4): "
                   f"{lo / ours_step:.1f}-{hi / ours_step:.1f}; target ours <= 20 ms: {'met' if ours_step <= 20 else 'NOT met'}")
+        composed = r["composed train fwd+bwd"]
+        print(f"  composed / residual geometry (fwd+bwd, target <= 1.2):        {composed / ours_step:6.2f}")
+        print(f"  composed with masks and boxes / without (target <= 1.1):      {r['composed + masks, boxes'] / composed:6.2f}")
         print(f"  fraction of the bandwidth floor (clone / ours): fwd {r['clone'] / ours_fwd:.3f}, "
               f"fwd+bwd {r['clone'] / ours_step:.3f}\n")
 

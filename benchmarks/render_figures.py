@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from bench_distill import DEFAULTS, EPOCHS, setup, teacher_path, train_cached_teacher  # noqa: E402  (beside this file)
 from diffaug import PolicyAugmenter  # noqa: E402
+from diffaug.distill import default_milestones  # noqa: E402
 from diffaug.fit import load_images, random_crops  # noqa: E402
 from diffaug.plot import (  # noqa: E402
     plot_fit_report, plot_policy_history, plot_teacher_confidence, show_augmented, show_ops)
@@ -45,7 +46,7 @@ def main() -> None:
     # The policy stops moving after the second search block (3/8 of the epochs), so the figure trains only up to
     # it, with the full run's schedule written out: the same first epochs as the benchmark's run, at 2/5 the cost.
     epochs = config["epochs"]
-    distiller.milestones = [round(epochs * f) for f in (150 / 240, 180 / 240, 210 / 240)]
+    distiller.milestones = default_milestones(epochs)
     distiller.search_epochs = [epochs // 8, 3 * epochs // 8]
     history = distiller.fit(loader, 3 * epochs // 8 + 1, DataLoader(splits.validation, batch_size=500))
     plot_policy_history(history)[0].savefig(OUT / "policy_history.png", dpi=72)

@@ -87,11 +87,16 @@ def _inverse(linear: Tensor) -> Tensor:
     return torch.stack([d, -b, -c, a], dim=1).div(det.unsqueeze(1)).view(-1, 2, 2)
 
 
-def _move_points(points: list[Tensor], linear: Tensor, shift: Tensor, is_moved: Tensor, size: Tensor) -> Tensor:
-    """Every image's points (N_i, 2), concatenated, to where their input pixel lands: L^-1 (p - c - shift size) + c."""
-    flat = torch.cat(points)
-    image = torch.repeat_interleave(torch.arange(len(points), device=flat.device),
-                                    torch.tensor([len(p) for p in points], device=flat.device))
+def _flatten(points: Sequence[Tensor], device: torch.device) -> tuple[Tensor, Tensor, list[int]]:
+    """Every image's points (N_i, D) in one (sum N_i, D) tensor, the image of each row, and the counts."""
+    counts = [len(p) for p in points]
+    flat = torch.cat(list(points)).to(device)
+    image = torch.repeat_interleave(torch.arange(len(counts), device=device), torch.tensor(counts, device=device))
+    return flat, image, counts
+
+
+def _move_points(flat: Tensor, image: Tensor, linear: Tensor, shift: Tensor, is_moved: Tensor, size: Tensor) -> Tensor:
+    """Points (N, 2) of images ``image`` (N,) to where their input pixel lands: L^-1 (p - c - shift size) + c."""
     centre = size / 2
     relative = flat - centre - (shift.to(flat.dtype) * size).index_select(0, image)
     inverse = _inverse(linear.to(flat.dtype)).index_select(0, image)
@@ -126,18 +131,17 @@ def move_targets(
         masks = _warp_masks(masks.to(linear.device), linear, shift, moved, ignore_index)
     keep = None
     if boxes is not None:
-        boxes, keep = _move_boxes([b.to(linear.device) for b in boxes], linear, shift, is_moved, size)
+        boxes, keep = _move_boxes(boxes, linear, shift, is_moved, size)
     if keypoints is not None:
-        keypoints = [k.to(linear.device) for k in keypoints]
-        flat = _move_points(keypoints, linear, shift, is_moved, _pixels(size, keypoints))
-        keypoints = list(flat.split([len(k) for k in keypoints]))
+        flat, image, counts = _flatten(keypoints, linear.device)
+        keypoints = list(_move_points(flat, image, linear, shift, is_moved, _pixels(size, flat)).split(counts))
     return masks, boxes, keypoints, keep
 
 
-def _pixels(size: tuple[int, int], like: Sequence[Tensor]) -> Tensor:
+def _pixels(size: tuple[int, int], like: Tensor) -> Tensor:
     """(1, 2) image width and height, in the dtype of the points."""
     height, width = size
-    return torch.tensor([[width, height]], dtype=like[0].dtype, device=like[0].device)
+    return torch.tensor([[width, height]], dtype=like.dtype, device=like.device)
 
 
 def _warp_masks(masks: Tensor, linear: Tensor, shift: Tensor, moved: Tensor, ignore_index: int) -> Tensor:
@@ -147,20 +151,21 @@ def _warp_masks(masks: Tensor, linear: Tensor, shift: Tensor, moved: Tensor, ign
     if masks.dim() == 4:  # soft masks: bilinear, differentiable, as the images
         return masks.index_copy(0, moved, warp(part, linear, shift).to(masks.dtype))
     # Labels + 1 as floats (exact below 2**24) warped by nearest neighbour: the zero padding then marks the pixels
-    # brought in from outside the image, which become ignore_index.
-    labels = warp((part.to(torch.float32) + 1).unsqueeze(1), linear.float(), shift.float(), "nearest")
+    # brought in from outside the image, which become ignore_index. No gradient: labels are piecewise constant.
+    with torch.no_grad():
+        labels = warp((part.to(torch.float32) + 1).unsqueeze(1), linear.float(), shift.float(), "nearest")
     labels = labels.squeeze(1).round().long() - 1
     labels = torch.where(labels < 0, torch.full_like(labels, ignore_index), labels)
     return masks.index_copy(0, moved, labels.to(masks.dtype))
 
 
-def _move_boxes(boxes: list[Tensor], linear: Tensor, shift: Tensor, is_moved: Tensor, size: tuple[int, int]
+def _move_boxes(boxes: Sequence[Tensor], linear: Tensor, shift: Tensor, is_moved: Tensor, size: tuple[int, int]
                 ) -> tuple[list[Tensor], list[Tensor]]:
     """The box enclosing each box's four moved corners, clipped to the image, and whether any of it is left."""
-    counts = [len(b) for b in boxes]
-    corners = [b[:, [0, 1, 2, 1, 0, 3, 2, 3]].reshape(-1, 2) for b in boxes]  # (x1 y1) (x2 y1) (x1 y2) (x2 y2)
-    pixels = _pixels(size, boxes)
-    moved = _move_points(corners, linear, shift, is_moved, pixels).view(-1, 4, 2)
+    flat, image, counts = _flatten(boxes, linear.device)
+    corners = flat[:, [0, 1, 2, 1, 0, 3, 2, 3]].reshape(-1, 2)  # (x1 y1) (x2 y1) (x1 y2) (x2 y2) of each box
+    pixels = _pixels(size, flat)
+    moved = _move_points(corners, image.repeat_interleave(4), linear, shift, is_moved, pixels).view(-1, 4, 2)
     low = torch.minimum(moved.amin(dim=1).clamp(min=0), pixels)
     high = torch.minimum(moved.amax(dim=1).clamp(min=0), pixels)
     keep = ((high - low) > 0).all(dim=1)

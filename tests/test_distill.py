@@ -166,6 +166,40 @@ def test_cifar_pickle_batches_are_read(tmp_path: Path) -> None:
         cifar(tmp_path / "missing")
 
 
+class _Payload:
+    """Unpickling this would create a file: what a crafted 'CIFAR' file could do with a bare pickle.load."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+def test_cifar_files_are_read_with_a_restricted_unpickler(tmp_path: Path) -> None:
+    import pickle
+
+    import numpy as np
+
+    from diffaug.distill.data import read_cifar_batch
+
+    marker = tmp_path / "ran"
+    crafted = tmp_path / "data_batch_1"
+    crafted.write_bytes(pickle.dumps({b"data": np.zeros((1, 3072), np.uint8), b"labels": [_Payload(marker)]}))
+    with pytest.raises(DiffAugError, match=r"asks for pathlib.Path.touch, refused without running it"):
+        read_cifar_batch(crafted)
+    assert not marker.exists()
+    for protocol in (2, 5):  # the archives' protocol, and what numpy 2 writes by default
+        crafted.write_bytes(pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [3, 4]}, protocol=protocol))
+        assert read_cifar_batch(crafted)[b"labels"] == [3, 4]
+    crafted.write_bytes(pickle.dumps({b"data": np.zeros((2, 100), np.uint8), b"labels": [3, 4]}))
+    with pytest.raises(DiffAugError, match=r"b'data' \(N, 3072\) uint8"):
+        read_cifar_batch(crafted)
+    crafted.write_bytes(b"not a pickle")
+    with pytest.raises(DiffAugError, match="is not a CIFAR python batch"):
+        read_cifar_batch(crafted)
+
+
 def test_task_splits_are_disjoint_balanced_and_reproducible() -> None:
     mnist = task_splits("mnist", seed=3)
     assert [len(s) for s in mnist] == [1000, 1000, 3000]

@@ -7,9 +7,9 @@
 True
 """
 
-from .loop import Distiller
+from .loop import Distiller, default_milestones
 from .objective import kd_loss, log_one_minus_softmax, tst_loss
 from .tasks import Classification, Localisation, Segmentation, Task, box_iou
 
-__all__ = ["Classification", "Distiller", "Localisation", "Segmentation", "Task", "box_iou", "kd_loss",
-           "log_one_minus_softmax", "tst_loss"]
+__all__ = ["Classification", "Distiller", "Localisation", "Segmentation", "Task", "box_iou", "default_milestones",
+           "kd_loss", "log_one_minus_softmax", "tst_loss"]

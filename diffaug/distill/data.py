@@ -6,7 +6,7 @@ from __future__ import annotations
 import pickle
 from importlib import resources
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -16,7 +16,8 @@ from torch.utils.data import TensorDataset
 
 from ..errors import DiffAugError
 
-__all__ = ["Splits", "cifar", "mnist5k", "photo_patches", "random_crop_flip", "small_models", "task_splits"]
+__all__ = ["Splits", "cifar", "mnist5k", "photo_patches", "random_crop_flip", "read_cifar_batch", "small_models",
+           "task_splits"]
 
 
 class Splits(NamedTuple):
@@ -157,9 +158,53 @@ def random_crop_flip(images: Tensor, generator: torch.Generator | None = None, *
     return out.view(batch, channels, height, width)
 
 
+# The only globals the official CIFAR python batches hold: numpy's array and dtype reconstructors (protocol 2, as
+# the archives are written; _frombuffer for protocol 5 copies, numpy._core for files written by numpy 2), and the
+# latin-1 encoder by which Python 3 writes bytes at protocol 2. Each is a pure constructor.
+_CIFAR_GLOBALS = frozenset({
+    ("_codecs", "encode"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+})
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Admits the dict, list, bytes, str and int pieces of a CIFAR batch and numpy arrays; refuses any other global
+    when the pickle names it, which is before anything it would call can run."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _CIFAR_GLOBALS:
+            return super().find_class(module, name)
+        raise DiffAugError(f"a CIFAR batch holds only numpy arrays, dicts, lists, bytes, str and int; this file asks "
+                           f"for {module}.{name}, refused without running it (is it the official CIFAR file?)")
+
+
+def read_cifar_batch(path: str | Path) -> dict[bytes, Any]:
+    """One CIFAR python batch, read with the restricted unpickler and checked: a dict with ``b"data"`` (N, 3072)
+    uint8 and integer labels (``b"labels"`` or ``b"fine_labels"``) of length N."""
+    with open(path, "rb") as handle:
+        try:
+            batch = _CifarUnpickler(handle, encoding="bytes").load()
+        except DiffAugError:
+            raise
+        except Exception as error:
+            raise DiffAugError(f"{path} is not a CIFAR python batch: {error}") from None
+    expected = f"{path} must hold a dict with b'data' (N, 3072) uint8 and N integer labels"
+    if not isinstance(batch, dict) or not isinstance(batch.get(b"data"), np.ndarray):
+        raise DiffAugError(f"{expected}; got {type(batch).__name__}")
+    data = batch[b"data"]
+    labels = batch.get(b"labels", batch.get(b"fine_labels"))
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or not isinstance(labels, list) \
+            or len(labels) != len(data) or not all(isinstance(v, int) for v in labels):
+        raise DiffAugError(f"{expected}; got data {data.dtype} {data.shape} and labels of type {type(labels).__name__}")
+    return batch
+
+
 def cifar(folder: str | Path) -> tuple[TensorDataset, TensorDataset]:
     """(train, test) from the CIFAR-10 (``data_batch_1..5``, ``test_batch``) or CIFAR-100 (``train``, ``test``)
-    python-pickle files in ``folder``, as the official archives unpack them. Images (3, 32, 32) in [0, 1]."""
+    python-pickle files in ``folder``, as the official archives unpack them. Images (3, 32, 32) in [0, 1].
+    The files are read with a restricted unpickler (``read_cifar_batch``): a crafted file cannot run code."""
     root = Path(folder)
     if (root / "data_batch_1").is_file():
         train_files, test_files, key = [root / f"data_batch_{i}" for i in range(1, 6)], [root / "test_batch"], b"labels"
@@ -172,9 +217,8 @@ def cifar(folder: str | Path) -> tuple[TensorDataset, TensorDataset]:
     def read(files: list[Path]) -> TensorDataset:
         xs, ys = [], []
         for file in files:
-            with open(file, "rb") as handle:
-                batch = pickle.load(handle, encoding="bytes")  # the official CIFAR format is a pickle
-            xs.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            batch = read_cifar_batch(file)
+            xs.append(batch[b"data"].reshape(-1, 3, 32, 32))
             ys.append(np.asarray(batch[key], dtype=np.int64))
         return TensorDataset(torch.from_numpy(np.concatenate(xs)).float().div(255), torch.from_numpy(np.concatenate(ys)))
 

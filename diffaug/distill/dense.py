@@ -1,9 +1,9 @@
 """Dense tasks from the shipped real data, and small example models for them.
 
-Scenes are 32x32 crops of the shipped photos with MNIST digits pasted on them (the digits' own strokes as the
-alpha, in a colour that contrasts with the crop). ``"segmentation"`` scenes hold two digits, one in each half, and a per-pixel mask
-(0 background, 1 + d for digit d); ``"localisation"`` scenes hold one digit, its class and its box (the tight
-xyxy box of its strokes, in pixels). Splits are disjoint in both digits and photo pixels: training crops and
+Scenes are 32x32 crops of the shipped photos with an MNIST digit pasted on each, 16-26 px high at a random
+place (the digit's own strokes as the alpha, in a colour that contrasts with the crop). ``"segmentation"``
+scenes come with a per-pixel mask (0 background, 1 + d on the strokes of digit d); ``"localisation"`` scenes
+with the digit's class and box (the tight xyxy box of its strokes, in pixels). Splits are disjoint in both digits and photo pixels: training crops and
 digits, validation crops from the bottom quarter of the photos' left halves and digits of their own, test crops
 from the right halves and the remaining digits.
 """
@@ -28,7 +28,7 @@ SEGMENTATION_CLASSES = 11  # background and ten digits
 def _paste(background: Tensor, digit: Tensor, scale: int, top: int, left: int, generator: torch.Generator
            ) -> tuple[Tensor, Tensor]:
     """The background (3, H, W) with ``digit`` (28, 28) in [0, 1] resized to ``scale`` pasted at (top, left), and
-    the digit's stroke mask (H, W) bool."""
+    the digit's stroke mask (H, W) bool: where its alpha exceeds 0.3 (a 2-3 px stroke at these scales)."""
     alpha = F.interpolate(digit.view(1, 1, 28, 28), size=(scale, scale), mode="bilinear", antialias=True,
                           align_corners=False).view(scale, scale).clamp(0, 1)
     region = background[:, top:top + scale, left:left + scale]
@@ -39,38 +39,27 @@ def _paste(background: Tensor, digit: Tensor, scale: int, top: int, left: int, g
     out = background.clone()
     out[:, top:top + scale, left:left + scale] = region * (1 - alpha) + ink * alpha
     mask = torch.zeros(background.shape[-2:], dtype=torch.bool)
-    mask[top:top + scale, left:left + scale] = alpha > 0.5
+    mask[top:top + scale, left:left + scale] = alpha > 0.3
     return out, mask
 
 
 def _scenes(task: str, backgrounds: Tensor, digits: np.ndarray, labels: np.ndarray, seed: int) -> TensorDataset:
+    """One digit per background, at a random scale (16-26 px) and position, with its mask or its label and box."""
     generator = torch.Generator().manual_seed(seed)
-    per_scene = 2 if task == "segmentation" else 1
-    images, targets, boxes = [], [], []
+    images, masks, boxes = [], [], []
     for i, background in enumerate(backgrounds):
-        mask = torch.zeros(SIZE, SIZE, dtype=torch.long)
-        image = background
-        for j in range(per_scene):
-            k = (i * per_scene + j) % len(digits)
-            if per_scene == 1:
-                scale = int(torch.randint(14, 23, (1,), generator=generator))
-                top, left = (int(v) for v in torch.randint(SIZE - scale + 1, (2,), generator=generator))
-            else:  # two digits, one in each half, so that neither hides the other
-                scale = int(torch.randint(12, 17, (1,), generator=generator))
-                top = int(torch.randint(SIZE - scale + 1, (1,), generator=generator))
-                left = j * SIZE // 2 + int(torch.randint(SIZE // 2 - scale + 1, (1,), generator=generator))
-            image, strokes = _paste(image, torch.from_numpy(digits[k]).float() / 255, scale, top, left, generator)
-            mask[strokes] = int(labels[k]) + 1
+        k = i % len(digits)
+        scale = int(torch.randint(16, 27, (1,), generator=generator))
+        top, left = (int(v) for v in torch.randint(SIZE - scale + 1, (2,), generator=generator))
+        image, strokes = _paste(background, torch.from_numpy(digits[k]).float() / 255, scale, top, left, generator)
         images.append(image)
-        if task == "segmentation":
-            targets.append(mask)
-        else:
-            rows, columns = strokes.nonzero(as_tuple=True)
-            boxes.append(torch.stack([columns.min(), rows.min(), columns.max() + 1, rows.max() + 1]).float())
-            targets.append(torch.tensor(int(labels[k])))
+        masks.append(strokes.long() * (int(labels[k]) + 1))
+        rows, columns = strokes.nonzero(as_tuple=True)
+        boxes.append(torch.stack([columns.min(), rows.min(), columns.max() + 1, rows.max() + 1]).float())
+    classes = torch.from_numpy(labels[np.arange(len(backgrounds)) % len(digits)].astype(np.int64))
     if task == "segmentation":
-        return TensorDataset(torch.stack(images), torch.stack(targets))
-    return TensorDataset(torch.stack(images), torch.stack(targets), torch.stack(boxes))
+        return TensorDataset(torch.stack(images), torch.stack(masks))
+    return TensorDataset(torch.stack(images), classes, torch.stack(boxes))
 
 
 def digit_scenes(task: str, seed: int = 0, sizes: tuple[int, int, int] = (600, 300, 600)) -> Splits:
@@ -92,8 +81,7 @@ def digit_scenes(task: str, seed: int = 0, sizes: tuple[int, int, int] = (600, 3
     backgrounds = [d.tensors[0] for d in
                    (_photo_regions([r], n // 10, SIZE, seed + i)[0] for i, (r, n) in enumerate(zip(regions, sizes)))]
     images, labels = _mnist_arrays()
-    per_scene = 2 if task == "segmentation" else 1
-    per_class = [min(200, n * per_scene // 10) for n in sizes[:2]]
+    per_class = [min(200, n // 10) for n in sizes[:2]]  # digits of a class for train and validation
     subsets = _balanced_subsets(labels, per_class, seed)
     order = np.random.default_rng(seed + 7)
     splits = []
@@ -109,19 +97,23 @@ def _block(cin: int, cout: int) -> list[nn.Module]:
 
 
 class TinySegmenter(nn.Module):
-    """A small fully-convolutional segmenter: two conv stages (the second at half resolution), upsampled back and
-    a 1x1 classifier over both; logits (B, classes, H, W)."""
+    """A small fully-convolutional segmenter: conv stages at full, half and quarter resolution (``width``, 2 and 4
+    times ``width`` channels; a receptive field of about 24 px, a whole digit), all upsampled back and joined by a
+    1x1 classifier; logits (B, classes, H, W)."""
 
     def __init__(self, width: int, classes: int = SEGMENTATION_CLASSES, channels: int = 3) -> None:
         super().__init__()
-        self.stem = nn.Sequential(*_block(channels, width), *_block(width, width))
-        self.down = nn.Sequential(nn.MaxPool2d(2), *_block(width, 2 * width), *_block(2 * width, 2 * width))
-        self.head = nn.Conv2d(3 * width, classes, 1)
+        self.fine = nn.Sequential(*_block(channels, width))
+        self.middle = nn.Sequential(nn.MaxPool2d(2), *_block(width, 2 * width))
+        self.coarse = nn.Sequential(nn.MaxPool2d(2), *_block(2 * width, 4 * width), *_block(4 * width, 4 * width))
+        self.head = nn.Conv2d(7 * width, classes, 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        fine = self.stem(x)
-        coarse = F.interpolate(self.down(fine), size=fine.shape[-2:], mode="bilinear", align_corners=False)
-        return self.head(torch.cat([fine, coarse], dim=1))
+        fine = self.fine(x)
+        middle = self.middle(fine)
+        coarse = self.coarse(middle)
+        up = [F.interpolate(t, size=fine.shape[-2:], mode="bilinear", align_corners=False) for t in (middle, coarse)]
+        return self.head(torch.cat([fine, *up], dim=1))
 
 
 class TinyLocaliser(nn.Module):
@@ -150,10 +142,11 @@ class TinyLocaliser(nn.Module):
 
 
 def dense_models(task: str, seed: int = 0) -> tuple[nn.Module, nn.Module]:
-    """(teacher, student) for a ``digit_scenes`` task: widths 32 and 8, about 15 times fewer parameters."""
+    """(teacher, student) for a ``digit_scenes`` task: widths 16 and 4 (segmentation, 62k and 4k parameters) or
+    32 and 8 (localisation, 74k and 8k)."""
     torch.manual_seed(seed)
     if task == "segmentation":
-        return TinySegmenter(32), TinySegmenter(8)
+        return TinySegmenter(16), TinySegmenter(8)
     if task == "localisation":
         return TinyLocaliser(32), TinyLocaliser(8)
     raise DiffAugError(f"task must be 'segmentation' or 'localisation'; got {task!r}")

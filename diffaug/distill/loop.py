@@ -34,7 +34,7 @@ from ..policy import PolicyAugmenter, ReferencePolicy
 from ..targets import Augmented
 from .tasks import Task, resolve_task
 
-__all__ = ["Distiller"]
+__all__ = ["Distiller", "default_milestones"]
 
 # Augmenters that draw from the Distiller's generator and report a policy; other modules use the global RNG.
 _POLICIES = (PolicyAugmenter, ReferencePolicy)
@@ -46,6 +46,11 @@ def _rank() -> int:
 
 def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def default_milestones(epochs: int) -> list[int]:
+    """The epochs at which Stage III's learning rate drops: 150, 180 and 210 of 240, scaled to ``epochs``."""
+    return [round(epochs * f) for f in (150 / 240, 180 / 240, 210 / 240)]
 
 
 def _numpy_state() -> list[Any]:
@@ -302,9 +307,7 @@ class Distiller:
     # ----------------------------------------------------------------------------------------------------------
 
     def _schedule(self, epochs: int) -> tuple[list[int], list[int]]:
-        milestones = list(self.milestones) if self.milestones is not None else [
-            round(epochs * f) for f in (150 / 240, 180 / 240, 210 / 240)
-        ]
+        milestones = list(self.milestones) if self.milestones is not None else default_milestones(epochs)
         searches = list(self.search_epochs) if self.search_epochs is not None else sorted(
             {min(epochs - 1, math.floor(epochs * f)) for f in (1 / 8, 3 / 8)}
         )
