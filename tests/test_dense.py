@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from diffaug import DiffAugError, PolicyAugmenter, ReferencePolicy
 from diffaug.distill import Distiller, Localisation, Segmentation, box_iou
 from diffaug.distill.dense import SEGMENTATION_CLASSES, dense_models, digit_scenes
+from diffaug.distill.objective import logit_kd
 
 from .test_distill import WORKER, _run
 
@@ -40,7 +41,7 @@ def test_segmentation_terms_are_eq1_and_eq2_per_labelled_pixel() -> None:
     p_t = torch.softmax(t / tau, 1)
     kl = (p_t * (torch.log_softmax(t / tau, 1) - torch.log_softmax(s / tau, 1))).sum(1).mean()
     expected_kd = F.cross_entropy(s, y) + tau**2 * kl
-    got = task.distill_loss(student, teacher, masks, tau, 1.0, 1.0)
+    got = task.distill_loss(student, teacher, masks, logit_kd("kd", tau), 1.0, 1.0)
     torch.testing.assert_close(got.double(), expected_kd, rtol=1e-5, atol=0)
     p_s = torch.softmax(s, 1).gather(1, y[:, None]).squeeze(1)
     expected = (F.cross_entropy(t, y), -torch.log1p(-p_s).mean())
@@ -49,8 +50,8 @@ def test_segmentation_terms_are_eq1_and_eq2_per_labelled_pixel() -> None:
     # The ignored pixels play no part: changing their logits changes nothing.
     changed = student.clone()
     changed[0, :, :2] = 1e3
-    assert torch.equal(task.distill_loss(changed, teacher, masks, tau, 1.0, 1.0),
-                       task.distill_loss(student, teacher, masks, tau, 1.0, 1.0))
+    assert torch.equal(task.distill_loss(changed, teacher, masks, logit_kd("kd", tau), 1.0, 1.0),
+                       task.distill_loss(student, teacher, masks, logit_kd("kd", tau), 1.0, 1.0))
 
 
 def test_segmentation_mean_iou_from_the_confusion_matrix() -> None:
@@ -94,7 +95,7 @@ def test_localisation_stage_three_has_kd_box_and_mimic_terms() -> None:
     s_features, t_features = torch.randn(4, 3, 2, 2), torch.randn(4, 5, 2, 2)
     labels, keep = torch.randint(0, 10, (4,)), torch.ones(4, dtype=torch.bool)
     got = task.distill_loss((s_logits, s_boxes, s_features), (t_logits, boxes, t_features), (labels, boxes, keep),
-                            4.0, 1.0, 1.0)
+                            logit_kd("kd", 4.0), 1.0, 1.0)
     from diffaug.distill import kd_loss
 
     box = ((s_boxes - boxes) / 8).abs().mean()

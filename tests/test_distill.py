@@ -304,3 +304,25 @@ def test_search_blocks_longer_than_a_pass_run_several_passes() -> None:
     history = distiller.fit(DataLoader(train, batch_size=20, shuffle=True, generator=torch.Generator()), 1)
     assert len(history["search"]) == 5  # 2 steps a pass: 2 + 2 + 1
     assert [r["iteration"] for r in history["search"]] == list(range(5))
+
+
+def test_stage_three_takes_dkd_dist_or_a_callable_as_its_distillation_term() -> None:
+    from diffaug.distill import dist_loss, dkd_loss
+
+    train, _ = mnist5k(train_size=40)
+    x, y = train.tensors[0][:20], train.tensors[1][:20]
+    seen = []
+
+    def custom(s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        seen.append(len(s))
+        return dkd_loss(s, t, labels) + dist_loss(s, t)
+
+    for kd in ("kd", "dkd", "dist", custom):
+        teacher, student = small_models(1, 10)
+        distiller = Distiller(teacher, student, torch.nn.Identity(), kd=kd, search_epochs=[], progress=False)
+        assert torch.isfinite(torch.tensor(distiller.train_step(x, y)["loss"]))
+    assert seen == [40]  # on cat([x_hat, x])
+    with pytest.raises(DiffAugError, match="kd must be one of"):
+        Distiller(*small_models(1, 10), torch.nn.Identity(), kd="crd", search_epochs=[])
+    with pytest.raises(DiffAugError, match="optimiser must return a torch.optim.Optimizer"):
+        Distiller(*small_models(1, 10), torch.nn.Identity(), optimiser=lambda p: None, search_epochs=[])

@@ -84,5 +84,81 @@ def test_bad_inputs_raise() -> None:
         kd_loss(torch.randn(2, 3), torch.randn(2, 4), torch.zeros(2, dtype=torch.long))
     with pytest.raises(DiffAugError, match=r"at least 2 classes"):
         tst_loss(torch.randn(2, 1), torch.randn(2, 1), torch.zeros(2, dtype=torch.long))
-    with pytest.raises(DiffAugError, match=r"temperature must be positive"):
+    with pytest.raises(DiffAugError, match=r"temperature must be a positive number"):
         kd_loss(torch.randn(2, 3), torch.randn(2, 3), torch.zeros(2, dtype=torch.long), temperature=0)
+
+
+def dkd_reference(s: torch.Tensor, t: torch.Tensor, y: torch.Tensor, alpha: float, beta: float, tau: float) -> float:
+    """Zhao et al. (2022), Eq. 7, in float64 straight from the definitions."""
+    p_s, p_t = torch.softmax(s.double() / tau, 1), torch.softmax(t.double() / tau, 1)
+    total = 0.0
+    for i, label in enumerate(y.tolist()):
+        b_s = torch.stack([p_s[i, label], 1 - p_s[i, label]])
+        b_t = torch.stack([p_t[i, label], 1 - p_t[i, label]])
+        tckd = (b_t * (b_t / b_s).log()).sum()
+        others = [c for c in range(s.shape[1]) if c != label]
+        q_s, q_t = p_s[i, others] / (1 - p_s[i, label]), p_t[i, others] / (1 - p_t[i, label])
+        nckd = (q_t * (q_t / q_s).log()).sum()
+        total += float(alpha * tckd + beta * nckd)
+    return tau**2 * total / len(y)
+
+
+def dist_reference(s: torch.Tensor, t: torch.Tensor, beta: float, gamma: float, tau: float) -> float:
+    """Huang et al. (2022), Eqs. 4-6 and 8, in float64: Pearson correlations within samples and within classes."""
+    p_s, p_t = torch.softmax(s.double() / tau, 1), torch.softmax(t.double() / tau, 1)
+
+    def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+        a, b = a - a.mean(), b - b.mean()
+        return float((a * b).sum() / (a.pow(2).sum().sqrt() * b.pow(2).sum().sqrt()))
+
+    inter = 1 - sum(pearson(p_s[i], p_t[i]) for i in range(len(s))) / len(s)
+    intra = 1 - sum(pearson(p_s[:, c], p_t[:, c]) for c in range(s.shape[1])) / s.shape[1]
+    return tau**2 * (beta * inter + gamma * intra)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("tau", [1.0, 4.0])
+def test_dkd_and_dist_match_their_papers_formulas_in_float64(seed: int, tau: float) -> None:
+    from diffaug.distill import dist_loss, dkd_loss
+
+    g = torch.Generator().manual_seed(seed)
+    s, t = torch.randn(16, 10, generator=g) * 3, torch.randn(16, 10, generator=g) * 3
+    y = torch.randint(0, 10, (16,), generator=g)
+    for alpha, beta in ((1.0, 8.0), (0.5, 2.0)):
+        got = float(dkd_loss(s, t, y, alpha=alpha, beta=beta, temperature=tau))
+        assert got == pytest.approx(dkd_reference(s, t, y, alpha, beta, tau), rel=1e-5)
+    for beta, gamma in ((1.0, 1.0), (2.0, 0.5)):
+        got = float(dist_loss(s, t, beta=beta, gamma=gamma, temperature=tau))
+        # float32 softmaxes and the 1e-8 in the correlations' denominators: within 1e-5 relative at these sizes.
+        assert got == pytest.approx(dist_reference(s, t, beta, gamma, tau), rel=1e-5)
+    # Identical logits distil nothing.
+    assert float(dkd_loss(s, s, y)) == pytest.approx(0.0, abs=1e-5)
+    assert float(dist_loss(s, s)) == pytest.approx(0.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_dkd_and_dist_are_finite_at_huge_half_precision_logits(dtype: torch.dtype) -> None:
+    from diffaug.distill import dist_loss, dkd_loss
+
+    g = torch.Generator().manual_seed(0)
+    s = (torch.randn(8, 10, generator=g) * 1e4).to(dtype).requires_grad_()
+    t = (torch.randn(8, 10, generator=g) * 1e4).to(dtype)
+    y = t.float().argmax(1)  # the teacher is certain: p_t[y] rounds to 1, 1 - p_t[y] to 0
+    for loss in (dkd_loss(s, t, y), dist_loss(s, t, temperature=4.0)):
+        assert torch.isfinite(loss)
+        (grad,) = torch.autograd.grad(loss, s)
+        assert torch.isfinite(grad).all()
+
+
+def test_logit_kd_names_and_stage_three_loss() -> None:
+    from diffaug.distill.objective import logit_kd, stage_three_loss
+
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)
+    y = torch.randint(0, 5, (6,), generator=g)
+    torch.testing.assert_close(stage_three_loss(s, t, y, logit_kd("kd", 4.0), 0.7, 1.3),
+                               kd_loss(s, t, y, 4.0, 0.7, 1.3))
+    with pytest.raises(DiffAugError, match=r"kd must be one of \['kd', 'dkd', 'dist'\]"):
+        logit_kd("crd")
+    with pytest.raises(DiffAugError, match="temperature must be a positive number"):
+        logit_kd("dkd", temperature=-1)

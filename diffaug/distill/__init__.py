@@ -8,8 +8,8 @@ True
 """
 
 from .loop import Distiller, default_milestones
-from .objective import kd_loss, log_one_minus_softmax, tst_loss
+from .objective import dist_loss, dkd_loss, kd_loss, log_one_minus_softmax, tst_loss
 from .tasks import Classification, Localisation, Segmentation, Task, box_iou
 
 __all__ = ["Classification", "Distiller", "Localisation", "Segmentation", "Task", "box_iou", "default_milestones",
-           "kd_loss", "log_one_minus_softmax", "tst_loss"]
+           "dist_loss", "dkd_loss", "kd_loss", "log_one_minus_softmax", "tst_loss"]

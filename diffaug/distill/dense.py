@@ -25,12 +25,22 @@ SIZE = 32
 SEGMENTATION_CLASSES = 11  # background and ten digits
 
 
+def _soften(crop: Tensor) -> Tensor:
+    """The crop blurred (two 3x3 box filters) and its contrast halved: the photo's texture at the strokes' scale
+    would otherwise look like strokes to a small model (a width-8 segmenter stayed at background alone)."""
+    blurred = crop.unsqueeze(0)
+    for _ in range(2):
+        blurred = F.avg_pool2d(F.pad(blurred, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    return 0.25 + 0.5 * blurred.squeeze(0)
+
+
 def _paste(background: Tensor, digit: Tensor, scale: int, top: int, left: int, generator: torch.Generator
            ) -> tuple[Tensor, Tensor]:
     """The background (3, H, W) with ``digit`` (28, 28) in [0, 1] resized to ``scale`` pasted at (top, left), and
     the digit's stroke mask (H, W) bool: where its alpha exceeds 0.3 (a 2-3 px stroke at these scales)."""
     alpha = F.interpolate(digit.view(1, 1, 28, 28), size=(scale, scale), mode="bilinear", antialias=True,
                           align_corners=False).view(scale, scale).clamp(0, 1)
+    background = _soften(background)
     region = background[:, top:top + scale, left:left + scale]
     # Ink that contrasts with what it is written on: light on dark crops, dark on light ones, a random tint.
     light = bool(region.mean() < 0.5)
@@ -62,7 +72,7 @@ def _scenes(task: str, backgrounds: Tensor, digits: np.ndarray, labels: np.ndarr
     return TensorDataset(torch.stack(images), classes, torch.stack(boxes))
 
 
-def digit_scenes(task: str, seed: int = 0, sizes: tuple[int, int, int] = (600, 300, 600)) -> Splits:
+def digit_scenes(task: str, seed: int = 0, sizes: tuple[int, int, int] = (1000, 300, 600)) -> Splits:
     """Train, validation and test scenes of ``task`` ("segmentation" or "localisation"), ``sizes`` scenes each
     (multiples of 10).
 

@@ -32,6 +32,7 @@ from ..files import write_atomic
 from ..fit import Progress
 from ..policy import PolicyAugmenter, ReferencePolicy
 from ..targets import Augmented
+from .objective import LogitKD, logit_kd
 from .tasks import Task, resolve_task
 
 __all__ = ["Distiller", "default_milestones"]
@@ -77,7 +78,9 @@ class Distiller:
             targets, generator) -> (images, targets)``); the paper's baselines all use a padded random crop and a
             flip (``diffaug.distill.data.random_crop_flip``). Drawn from the Distiller's seeded generator, so
             runs stay reproducible and resume exactly. Default: none.
-        lr, momentum, weight_decay, nesterov: Stage III SGD.
+        lr, momentum, weight_decay, nesterov: Stage III SGD (the paper's).
+        optimiser: instead, a function from the parameters to train to a ``torch.optim.Optimizer`` (e.g.
+            ``lambda params: torch.optim.Adam(params, lr=3e-3)``); the milestones scale its learning rates alike.
         milestones: epochs at which the Stage III learning rate is multiplied by ``gamma`` (default 150/180/210
             of 240, scaled to the number of epochs given to ``fit``).
         search_epochs: epochs at whose start Stage II runs (default 1/8 and 3/8 of the epochs).
@@ -85,6 +88,8 @@ class Distiller:
             runs several passes, each in its own seeded order).
         search_lr, search_momentum: Stage II SGD on the augmenter's logits.
         alpha, beta: weights of Eq. 2; temperature, w_ce, w_kl: weights of Eq. 1.
+        kd: Stage III's distillation term next to w_ce CE: "kd" (Eq. 1's tau^2 KL), "dkd" (Decoupled KD) or
+            "dist" (DIST), at ``temperature``; or a callable ``kd(student_logits, teacher_logits, targets)``.
         device: where to train; amp: None, "bf16" or "fp16" (CUDA; fp16 uses a GradScaler); channels_last: use the
             channels_last memory format for the models.
         seed: seeds the data order, the policy draws (offset by rank) and the global RNGs.
@@ -108,6 +113,7 @@ class Distiller:
         momentum: float = 0.9,
         weight_decay: float = 1e-4,
         nesterov: bool = True,
+        optimiser: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
         milestones: Sequence[int] | None = None,
         gamma: float = 0.1,
         search_epochs: Sequence[int] | None = None,
@@ -119,6 +125,7 @@ class Distiller:
         temperature: float = 4.0,
         w_ce: float = 1.0,
         w_kl: float = 1.0,
+        kd: str | LogitKD = "kd",
         device: str | torch.device = "cpu",
         amp: Literal["bf16", "fp16"] | None = None,
         channels_last: bool = False,
@@ -166,9 +173,14 @@ class Distiller:
             for p in self.augmenter.parameters():
                 dist.broadcast(p.data, src=0)
         # The task's own parameters (a mimic adapter) learn with the student.
-        self.optimiser = torch.optim.SGD(
-            [*self.student.parameters(), *self.task.parameters()], lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov
-        )
+        trained = [*self.student.parameters(), *self.task.parameters()]
+        if optimiser is None:
+            self.optimiser = torch.optim.SGD(trained, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                             nesterov=nesterov)
+        else:
+            self.optimiser = optimiser(trained)
+            if not isinstance(self.optimiser, torch.optim.Optimizer):
+                raise DiffAugError(f"optimiser must return a torch.optim.Optimizer; got {type(self.optimiser).__name__}")
         # A fixed augmenter has nothing to search (and may have no parameters at all, which SGD refuses).
         self.search_optimiser = torch.optim.SGD(
             self.augmenter.parameters(), lr=search_lr, momentum=search_momentum) if self.searchable else None
@@ -176,6 +188,7 @@ class Distiller:
         self.search_epochs, self.search_steps = search_epochs, search_steps
         self.alpha, self.beta = alpha, beta
         self.temperature, self.w_ce, self.w_kl = temperature, w_ce, w_kl
+        self.kd = logit_kd(kd, temperature)
         self.amp = amp
         self.memory_format = memory_format
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "fp16")
@@ -266,7 +279,7 @@ class Distiller:
             with torch.no_grad():
                 teacher_out = self.teacher(inputs)  # once per step, for x_hat and x together
             student_out = self.trained_student(inputs)
-            loss = self.task.distill_loss(student_out, teacher_out, targets, self.temperature, self.w_ce, self.w_kl)
+            loss = self.task.distill_loss(student_out, teacher_out, targets, self.kd, self.w_ce, self.w_kl)
         self._check_finite(loss, "Stage III (KD)")
         self.optimiser.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()

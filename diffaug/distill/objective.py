@@ -1,10 +1,13 @@
-"""The TST losses as pure functions of logits: Eq. 1 (knowledge distillation) and Eq. 2 (the policy search).
+"""The TST losses as pure functions of logits: Eq. 1 (knowledge distillation) and Eq. 2 (the policy search), and the
+logit-distillation losses the paper compares with, DKD and DIST.
 
-Both upcast half-precision logits to float32 and use log-sum-exp forms only, so they stay finite and correct for
+All upcast half-precision logits to float32 and use log-sum-exp forms only, so they stay finite and correct for
 logits of magnitude 1e4 in float16 and bfloat16.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -12,10 +15,15 @@ from torch import Tensor
 
 from ..errors import DiffAugError
 
-__all__ = ["kd_loss", "log_one_minus_softmax", "tst_loss", "tst_terms"]
+__all__ = ["KD_LOSSES", "LogitKD", "dist_loss", "dkd_loss", "kd_loss", "log_one_minus_softmax", "logit_kd", "soft_kl",
+           "stage_three_loss", "tst_loss", "tst_terms"]
+
+LogitKD = Callable[[Tensor, Tensor, Tensor], Tensor]
+"""``kd(student_logits, teacher_logits, targets) -> scalar``: the distillation term of Stage III, next to CE."""
+KD_LOSSES: tuple[str, ...] = ("kd", "dkd", "dist")
 
 
-def _check_logits(name: str, logits: Tensor, targets: Tensor, other: Tensor | None = None) -> None:
+def _check_logits(name: str, logits: Tensor, targets: Tensor | None, other: Tensor | None = None) -> None:
     if not isinstance(logits, Tensor) or logits.dim() != 2 or not logits.is_floating_point():
         got = f"{logits.dtype} of shape {tuple(logits.shape)}" if isinstance(logits, Tensor) else type(logits).__name__
         raise DiffAugError(f"{name} must be float logits of shape (B, num_classes); got {got}")
@@ -24,7 +32,7 @@ def _check_logits(name: str, logits: Tensor, targets: Tensor, other: Tensor | No
     if other is not None and other.shape != logits.shape:
         raise DiffAugError(f"teacher and student logits must have the same shape; got {tuple(other.shape)} "
                            f"and {tuple(logits.shape)}")
-    if targets.shape != (logits.shape[0],) or targets.dtype not in (torch.int64, torch.int32):
+    if targets is not None and (targets.shape != (logits.shape[0],) or targets.dtype not in (torch.int64, torch.int32)):
         raise DiffAugError(f"targets must be integer class indices of shape ({logits.shape[0]},); got "
                            f"{targets.dtype} of shape {tuple(targets.shape)}")
 
@@ -55,14 +63,75 @@ def kd_loss(
         torch.Size([])
     """
     _check_logits("student_logits", student_logits, targets, teacher_logits)
-    if not temperature > 0:
-        raise DiffAugError(f"temperature must be positive; got {temperature!r}")
-    s, t = student_logits.float(), teacher_logits.float().detach()
-    ce = F.cross_entropy(s, targets.long())
-    log_p_student = F.log_softmax(s / temperature, dim=1)
-    log_p_teacher = F.log_softmax(t / temperature, dim=1)
-    kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
-    return w_ce * ce + w_kl * temperature**2 * kl
+    ce = F.cross_entropy(student_logits.float(), targets.long())
+    return w_ce * ce + w_kl * soft_kl(student_logits, teacher_logits, temperature)
+
+
+def _check_temperature(temperature: float) -> None:
+    if not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise DiffAugError(f"temperature must be a positive number; got {temperature!r}")
+
+
+def soft_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0) -> Tensor:
+    """tau^2 KL(softmax(teacher / tau) || softmax(student / tau)), batch mean: Eq. 1's distillation term."""
+    _check_logits("student_logits", student_logits, None, teacher_logits)
+    _check_temperature(temperature)
+    log_p_student = F.log_softmax(student_logits.float() / temperature, dim=1)
+    log_p_teacher = F.log_softmax(teacher_logits.float().detach() / temperature, dim=1)
+    return temperature**2 * F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
+
+
+def dkd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    targets: Tensor,
+    alpha: float = 1.0,
+    beta: float = 8.0,
+    temperature: float = 4.0,
+) -> Tensor:
+    """Decoupled KD (Zhao et al., CVPR 2022): tau^2 (alpha TCKD + beta NCKD), batch mean; no CE inside.
+
+    TCKD is the KL between the teacher's and the student's binary distributions (p_y, 1 - p_y); NCKD the KL
+    between their distributions over the other classes alone, each at temperature tau and summed over classes.
+    Written with log-sum-exp forms only (log(1 - p_y) from ``log_one_minus_softmax``), so it stays finite when p_y
+    rounds to 1.
+    """
+    _check_logits("student_logits", student_logits, targets, teacher_logits)
+    _check_temperature(temperature)
+    s, t = student_logits.float() / temperature, teacher_logits.float().detach() / temperature
+    y = targets.long().unsqueeze(1)
+    log_s, log_t = F.log_softmax(s, 1).gather(1, y).squeeze(1), F.log_softmax(t, 1).gather(1, y).squeeze(1)
+    log_not_s, log_not_t = log_one_minus_softmax(s, targets), log_one_minus_softmax(t, targets)
+    tckd = log_t.exp() * (log_t - log_s) + log_not_t.exp() * (log_not_t - log_not_s)
+    others = torch.zeros_like(s, dtype=torch.bool).scatter_(1, y, True)
+    log_q_s = F.log_softmax(s.masked_fill(others, float("-inf")), 1)
+    log_q_t = F.log_softmax(t.masked_fill(others, float("-inf")), 1)
+    # The target class has probability 0 in both: its term is 0 (not 0 * (-inf + inf)).
+    nckd = torch.where(others, 0.0, log_q_t.exp() * (log_q_t - log_q_s)).sum(1)
+    return temperature**2 * (alpha * tckd + beta * nckd).mean()
+
+
+def _pearson(a: Tensor, b: Tensor, dim: int) -> Tensor:
+    a, b = a - a.mean(dim, keepdim=True), b - b.mean(dim, keepdim=True)
+    return (a * b).sum(dim) / (a.norm(dim=dim) * b.norm(dim=dim) + 1e-8)
+
+
+def dist_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    beta: float = 1.0,
+    gamma: float = 1.0,
+    temperature: float = 1.0,
+) -> Tensor:
+    """DIST (Huang et al., NeurIPS 2022): tau^2 (beta (1 - mean per-sample Pearson correlation) + gamma (1 - mean
+    per-class Pearson correlation over the batch)) of the softened distributions softmax(logits / tau)."""
+    _check_logits("student_logits", student_logits, None, teacher_logits)
+    _check_temperature(temperature)
+    p_s = F.softmax(student_logits.float() / temperature, 1)
+    p_t = F.softmax(teacher_logits.float().detach() / temperature, 1)
+    inter = 1 - _pearson(p_s, p_t, 1).mean()
+    intra = 1 - _pearson(p_s, p_t, 0).mean()
+    return temperature**2 * (beta * inter + gamma * intra)
 
 
 def tst_loss(
@@ -92,3 +161,26 @@ def tst_terms(teacher_logits: Tensor, student_logits: Tensor, targets: Tensor) -
     teacher_ce = F.cross_entropy(teacher_logits.float(), targets.long())
     student_term = -log_one_minus_softmax(student_logits, targets).mean()
     return teacher_ce, student_term
+
+
+def logit_kd(kind: str | LogitKD, temperature: float = 4.0) -> LogitKD:
+    """The distillation term named ``kind`` at ``temperature``: "kd" (Eq. 1's tau^2 KL), "dkd" (``dkd_loss``) or
+    "dist" (``dist_loss``) with their papers' other defaults; a callable is returned as it is."""
+    _check_temperature(temperature)
+    if callable(kind):
+        return kind
+    if kind == "kd":
+        return lambda s, t, y: soft_kl(s, t, temperature)
+    if kind == "dkd":
+        return lambda s, t, y: dkd_loss(s, t, y, temperature=temperature)
+    if kind == "dist":
+        return lambda s, t, y: dist_loss(s, t, temperature=temperature)
+    raise DiffAugError(f"kd must be one of {list(KD_LOSSES)} or a callable kd(student_logits, teacher_logits, "
+                       f"targets); got {kind!r}")
+
+
+def stage_three_loss(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, kd: LogitKD,
+                     w_ce: float = 1.0, w_kl: float = 1.0) -> Tensor:
+    """w_ce CE(student, y) + w_kl kd(student, teacher, y): Eq. 1 with ``kd = logit_kd("kd")``."""
+    _check_logits("student_logits", student_logits, targets, teacher_logits)
+    return w_ce * F.cross_entropy(student_logits.float(), targets.long()) + w_kl * kd(student_logits, teacher_logits, targets)

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ..errors import DiffAugError
 from ..targets import Augmented
-from .objective import kd_loss, log_one_minus_softmax, tst_terms
+from .objective import LogitKD, log_one_minus_softmax, stage_three_loss, tst_terms
 
 __all__ = ["Classification", "Localisation", "Segmentation", "Task", "box_iou", "resolve_task"]
 
@@ -60,9 +60,10 @@ class Task(nn.Module):
         below that falls as the student gets the sample wrong (Eq. 2's -log(1 - p_y))."""
         raise NotImplementedError
 
-    def distill_loss(self, student_out: Any, teacher_out: Any, targets: Any, temperature: float, w_ce: float,
+    def distill_loss(self, student_out: Any, teacher_out: Any, targets: Any, kd: LogitKD, w_ce: float,
                      w_kl: float) -> Tensor:
-        """Stage III's loss on cat([x_hat, x]) (Eq. 1 for the task's outputs)."""
+        """Stage III's loss on cat([x_hat, x]): Eq. 1 for the task's outputs, with ``kd`` (``objective.logit_kd``)
+        as its distillation term on class logits."""
         raise NotImplementedError
 
     def class_scores(self, outputs: Any, targets: Any) -> tuple[Tensor, Tensor, Tensor]:
@@ -79,7 +80,8 @@ class Task(nn.Module):
 
 
 class Classification(Task):
-    """Labels (B,) and logits (B, C): CE and KD (Eq. 1), CE(teacher) and -log(1 - p_S[y]) (Eq. 2), top-1 accuracy."""
+    """Labels (B,) and logits (B, C): CE and KD (Eq. 1, or DKD / DIST), CE(teacher) and -log(1 - p_S[y]) (Eq. 2),
+    top-1 accuracy."""
 
     metric_name = "accuracy"
 
@@ -96,9 +98,9 @@ class Classification(Task):
     def search_terms(self, teacher_out: Tensor, student_out: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         return tst_terms(teacher_out, student_out, targets)
 
-    def distill_loss(self, student_out: Tensor, teacher_out: Tensor, targets: Tensor, temperature: float,
-                     w_ce: float, w_kl: float) -> Tensor:
-        return kd_loss(student_out, teacher_out, targets, temperature, w_ce, w_kl)
+    def distill_loss(self, student_out: Tensor, teacher_out: Tensor, targets: Tensor, kd: LogitKD, w_ce: float,
+                     w_kl: float) -> Tensor:
+        return stage_three_loss(student_out, teacher_out, targets, kd, w_ce, w_kl)
 
     def class_scores(self, outputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return outputs, targets, torch.arange(len(targets), device=targets.device)
@@ -154,11 +156,11 @@ class Segmentation(Task):
         student, _, _ = self._pixels(student_out, targets)
         return tst_terms(teacher, student, labels)
 
-    def distill_loss(self, student_out: Tensor, teacher_out: Tensor, targets: Tensor, temperature: float,
-                     w_ce: float, w_kl: float) -> Tensor:
+    def distill_loss(self, student_out: Tensor, teacher_out: Tensor, targets: Tensor, kd: LogitKD, w_ce: float,
+                     w_kl: float) -> Tensor:
         student, labels, _ = self._pixels(student_out, targets)
         teacher, _, _ = self._pixels(teacher_out, targets)
-        return kd_loss(student, teacher, labels, temperature, w_ce, w_kl)
+        return stage_three_loss(student, teacher, labels, kd, w_ce, w_kl)
 
     def class_scores(self, outputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return self._pixels(outputs, targets)
@@ -263,19 +265,19 @@ class Localisation(Task):
         student = -log_one_minus_softmax(s_logits, labels) - self.w_box * torch.log1p(-iou)
         return self._kept_mean(teacher, keep), self._kept_mean(student, keep)
 
-    def distill_loss(self, student_out: Any, teacher_out: Any, targets: tuple, temperature: float, w_ce: float,
+    def distill_loss(self, student_out: Any, teacher_out: Any, targets: tuple, kd: LogitKD, w_ce: float,
                      w_kl: float) -> Tensor:
         labels, boxes, keep = targets
         (t_logits, _, t_features), (s_logits, s_boxes, s_features) = self._outputs(teacher_out), self._outputs(student_out)
         kept = keep.nonzero().squeeze(1)
-        kd = kd_loss(s_logits.index_select(0, kept), t_logits.index_select(0, kept), labels.index_select(0, kept),
-                     temperature, w_ce, w_kl) if kept.numel() else s_logits.sum() * 0
+        logits = stage_three_loss(s_logits.index_select(0, kept), t_logits.index_select(0, kept),
+                                  labels.index_select(0, kept), kd, w_ce, w_kl) if kept.numel() else s_logits.sum() * 0
         box = self._kept_mean(self._box_loss(s_boxes, boxes), keep)
         mapped = self.mimic(s_features.to(self.mimic.weight.dtype))
         if mapped.shape[-2:] != t_features.shape[-2:]:
             mapped = F.interpolate(mapped, size=t_features.shape[-2:], mode="bilinear", align_corners=False)
         mimic = F.mse_loss(mapped.float(), t_features.float().detach())
-        return kd + self.w_box * box + self.w_mimic * mimic
+        return logits + self.w_box * box + self.w_mimic * mimic
 
     def class_scores(self, outputs: Any, targets: tuple) -> tuple[Tensor, Tensor, Tensor]:
         labels = targets[0]
