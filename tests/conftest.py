@@ -16,6 +16,16 @@ from diffaug.fit import shipped_images_dir
 torch.set_num_threads(1)
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``cuda`` skip, saying so, where there is no CUDA device (they run in the device check)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 def photo(name: str = "astronaut.png", size: tuple[int, int] | None = None) -> Image.Image:
     image = Image.open(shipped_images_dir() / name).convert("RGB")
     return image.resize(size, Image.BILINEAR) if size else image
