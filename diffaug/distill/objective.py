@@ -62,9 +62,7 @@ def kd_loss(
         >>> kd_loss(s, t, torch.tensor([0, 1, 2, 3])).shape
         torch.Size([])
     """
-    _check_logits("student_logits", student_logits, targets, teacher_logits)
-    ce = F.cross_entropy(student_logits.float(), targets.long())
-    return w_ce * ce + w_kl * soft_kl(student_logits, teacher_logits, temperature)
+    return stage_three_loss(student_logits, teacher_logits, targets, logit_kd("kd", temperature), w_ce, w_kl)
 
 
 def _check_temperature(temperature: float) -> None:
