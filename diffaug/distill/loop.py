@@ -296,7 +296,7 @@ class Distiller:
         self.scaler.step(self.optimiser)
         self.scaler.update()
         with torch.no_grad():
-            logits, labels, image = self.task.class_scores(student_out, targets)
+            logits, labels, _ = self.task.class_scores(student_out, targets)
             accuracy = (logits.argmax(1) == labels).float().mean()
             t_logits, t_labels, t_image = self.task.class_scores(teacher_out, targets)
             confidence = t_logits.float().softmax(1).gather(1, t_labels[:, None]).squeeze(1)
