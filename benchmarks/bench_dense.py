@@ -50,10 +50,9 @@ RESULTS = Path(__file__).with_name("results") / "dense.json"
 PAIRS = (("tst", "kd"), ("tst", "fixed"), ("fixed", "kd"))
 
 
-def make_task(task: str) -> Task:
+def make_task(task: str, teacher: torch.nn.Module, student: torch.nn.Module) -> Task:
     if task == "segmentation":
         return Segmentation()
-    teacher, student = dense_models(task)
     return Localisation(student.feature_channels, teacher.feature_channels, image_size=(32, 32))
 
 
@@ -81,8 +80,8 @@ def train_cached_teacher(config: dict[str, Any], cache: Path) -> dict[str, Any]:
     """Adam with a cosine schedule on the training scenes, cached per seed."""
     task, seed, epochs = config["task"], config["seed"], config["teacher_epochs"]
     splits = digit_scenes(task, seed=seed, sizes=tuple(config["scenes"]))
-    teacher, _ = dense_models(task, seed=seed)
-    objective = make_task(task)
+    teacher, student = dense_models(task, seed=seed)
+    objective = make_task(task, teacher, student)
     path = teacher_path(cache, config)
     if not path.is_file():
         torch.manual_seed(seed)
@@ -110,7 +109,7 @@ def run(config: dict[str, Any], cache: Path) -> dict[str, Any]:
     splits = digit_scenes(task, seed=seed, sizes=tuple(config["scenes"]))
     teacher, student = dense_models(task, seed=seed)
     teacher.load_state_dict(torch.load(teacher_path(cache, _teacher_config(config)), weights_only=True))
-    objective = make_task(task)
+    objective = make_task(task, teacher, student)
     loader = DataLoader(splits.train, batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(seed))
     augmenter = torch.nn.Identity() if arm == "kd" else PolicyAugmenter(geometry="composed")
     # Adam for the students too (the Distiller's milestones scale its rate): with SGD at lr 0.1 a width-8 segmenter

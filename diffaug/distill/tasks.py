@@ -52,8 +52,8 @@ class Task(nn.Module):
         raise NotImplementedError
 
     def cat(self, first: Any, second: Any) -> Any:
-        """The targets of ``torch.cat([x_hat, x])``."""
-        raise NotImplementedError
+        """The targets of ``torch.cat([x_hat, x])``; here targets that are one tensor (labels, masks)."""
+        return torch.cat([first, second])
 
     def search_terms(self, teacher_out: Any, student_out: Any, targets: Any) -> tuple[Tensor, Tensor]:
         """Stage II's two terms, minimised as alpha * first + beta * second: the teacher's loss, and a term bounded
@@ -91,9 +91,6 @@ class Classification(Task):
 
     def augment(self, augment: Augment, images: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         return augment(images), targets
-
-    def cat(self, first: Tensor, second: Tensor) -> Tensor:
-        return torch.cat([first, second])
 
     def search_terms(self, teacher_out: Tensor, student_out: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         return tst_terms(teacher_out, student_out, targets)
@@ -135,9 +132,6 @@ class Segmentation(Task):
     def augment(self, augment: Augment, images: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         out = augment(images, masks=targets)
         return out.images, out.masks
-
-    def cat(self, first: Tensor, second: Tensor) -> Tensor:
-        return torch.cat([first, second])
 
     def _pixels(self, logits: Tensor, masks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The labelled pixels as rows: logits (N, C), labels (N,) and the image of each."""
