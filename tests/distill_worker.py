@@ -1,10 +1,16 @@
 """Runs small Distiller jobs in a fresh process, for the resume and DDP tests:
-``python tests/distill_worker.py MODE OUT [TASK]``, TASK "classification" (default) or "localisation"."""
+``python tests/distill_worker.py MODE OUT [TASK]``, TASK "classification" (default) or "localisation".
+
+MODE "elastic" runs under ``torchrun --max-restarts``: it resumes from OUT/checkpoint.pt when there is one, and with
+KILL_MID_EPOCH=1 rank 1 kills itself (SIGKILL) in the middle of epoch 1's Stage III on the first attempt."""
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
@@ -38,6 +44,27 @@ def make(seed: int = 0) -> tuple[Distiller, DataLoader]:
     return distiller, loader
 
 
+class KilledMidEpoch:
+    """A loader that kills this process at the second batch of the second pass over it in ``epoch`` (the first
+    pass of that epoch is Stage II's): an abrupt failure mid-Stage III, as a lost node would be."""
+
+    def __init__(self, loader: DataLoader, distiller: Distiller, epoch: int) -> None:
+        self.loader, self.distiller, self.epoch, self.passes = loader, distiller, epoch, 0
+
+    def __getattr__(self, name: str) -> Any:  # sampler, generator: what the Distiller reorders per epoch
+        return getattr(self.loader, name)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Any]:
+        self.passes += self.distiller.epoch == self.epoch
+        for index, batch in enumerate(self.loader):
+            if self.distiller.epoch == self.epoch and self.passes == 2 and index == 1:
+                os.kill(os.getpid(), signal.SIGKILL)
+            yield batch
+
+
 def main() -> None:
     mode, out = sys.argv[1], sys.argv[2]
     if mode == "straight":  # 3 epochs in one go
@@ -51,6 +78,22 @@ def main() -> None:
         distiller, loader = make()
         distiller.load(os.path.join(out, "checkpoint.pt"))
         distiller.fit(loader, 3)
+    elif mode == "elastic":
+        torch.distributed.init_process_group("gloo")
+        distiller, loader = make()
+        checkpoint = os.path.join(out, "checkpoint.pt")
+        if os.path.isfile(checkpoint):
+            distiller.load(checkpoint)
+        first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+        if os.environ.get("KILL_MID_EPOCH") == "1" and first_attempt and distiller.rank == 1:
+            loader = KilledMidEpoch(loader, distiller, epoch=1)
+        distiller.fit(loader, 3, checkpoint=checkpoint)
+        if distiller.rank == 0:
+            torch.save({"student": distiller.student.state_dict(), "augmenter": distiller.augmenter.state_dict(),
+                        "history": distiller.history, "attempts": int(os.environ["TORCHELASTIC_RESTART_COUNT"]) + 1},
+                       os.path.join(out, "elastic.pt"))
+        torch.distributed.destroy_process_group()
+        return
     elif mode == "ddp":
         torch.distributed.init_process_group("gloo")
         distiller, loader = make()

@@ -1,8 +1,9 @@
-"""Real data for the distillation example and benchmark: shipped MNIST-5k, crops of the shipped photos, and the
-CIFAR-10/100 python-pickle batches from a folder the user points at."""
+"""Real data for the distillation example and benchmark: shipped MNIST-5k, crops of the shipped photos, the
+CIFAR-10/100 python-pickle batches from a folder the user points at, and ImageNet-style image folders."""
 
 from __future__ import annotations
 
+import math
 import pickle
 from importlib import resources
 from pathlib import Path
@@ -12,11 +13,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import TensorDataset
+from PIL import Image
+from torch.utils.data import Dataset, TensorDataset
 
 from ..errors import DiffAugError
 
-__all__ = ["Splits", "cifar", "mnist5k", "photo_patches", "random_crop_flip", "read_cifar_batch", "small_models",
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ImageFolder", "Splits", "channel_statistics", "cifar", "mnist5k", "photo_patches", "random_crop_flip", "read_cifar_batch", "small_models",
            "task_splits"]
 
 
@@ -243,3 +245,80 @@ def small_models(channels: int, classes: int, seed: int = 0) -> tuple[torch.nn.M
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, classes),
     )
     return teacher, student
+
+
+def channel_statistics(images: Tensor) -> tuple[list[float], list[float]]:
+    """Per-channel mean and standard deviation of an (N, C, H, W) image tensor: a dataset's normalisation."""
+    flat = images.transpose(0, 1).flatten(1).double()
+    return flat.mean(1).tolist(), flat.std(1).tolist()
+
+
+# The normalisation torchvision's ImageNet checkpoints expect (and the usual one for any ImageNet-style folder).
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
+
+
+class ImageFolder(Dataset):
+    """An image-classification folder with one subfolder per class (ImageNet's layout), decoded with PIL when an
+    item is read, so in the DataLoader's workers.
+
+    Training (``train=True``): a random-resized crop (area 8-100 % of the image, aspect ratio 3/4-4/3, ten tries,
+    else the largest centre crop of admissible ratio) resized to ``size`` and a horizontal flip with probability
+    1/2, drawn from torch's global RNG, which the DataLoader seeds per worker from its generator. Evaluation: the
+    shorter side resized to ``size / 0.875`` (256 for 224) and the centre ``size`` crop. Items are ``(image,
+    label)`` with the image a float (3, size, size) tensor in [0, 1]; labels index ``classes``, the sorted
+    subfolder names (pass the training set's ``classes`` to a validation set so that both agree).
+    """
+
+    def __init__(self, root: str | Path, train: bool, size: int = 224, classes: list[str] | None = None):
+        self.root, self.train, self.size = Path(root), train, size
+        if not self.root.is_dir():
+            raise DiffAugError(f"an image folder must be a directory with one subfolder per class; got {str(root)!r}")
+        found = sorted(d.name for d in self.root.iterdir() if d.is_dir())
+        self.classes = found if classes is None else list(classes)
+        unknown = sorted(set(found) - set(self.classes))
+        if unknown:
+            raise DiffAugError(f"{root} has classes the training folder lacks: {unknown[:5]}")
+        index = {name: i for i, name in enumerate(self.classes)}
+        self.samples = [(path, index[name]) for name in found for path in sorted((self.root / name).iterdir())
+                        if path.suffix.lower() in IMAGE_SUFFIXES]
+        if not self.samples:
+            raise DiffAugError(f"{root} must hold images ({', '.join(sorted(IMAGE_SUFFIXES))}) in one subfolder per "
+                               f"class; found {len(found)} subfolders and no image")
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _crop_box(self, width: int, height: int) -> tuple[float, float, float, float]:
+        area = width * height
+        for _ in range(10):
+            target = area * float(torch.empty(()).uniform_(0.08, 1.0))
+            ratio = math.exp(float(torch.empty(()).uniform_(math.log(3 / 4), math.log(4 / 3))))
+            w, h = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
+            if 0 < w <= width and 0 < h <= height:
+                left = int(torch.randint(width - w + 1, ()))
+                top = int(torch.randint(height - h + 1, ()))
+                return left, top, left + w, top + h
+        ratio = min(max(width / height, 3 / 4), 4 / 3)  # the fallback: the largest centre crop of admissible ratio
+        w, h = (width, round(width / ratio)) if width / height < ratio else (round(height * ratio), height)
+        return (width - w) / 2, (height - h) / 2, (width + w) / 2, (height + h) / 2
+
+    def __getitem__(self, item: int) -> tuple[Tensor, int]:
+        path, label = self.samples[item]
+        try:
+            with Image.open(path) as opened:
+                image = opened.convert("RGB")
+        except OSError as error:
+            raise DiffAugError(f"{path} could not be decoded as an image: {error}") from None
+        width, height = image.size
+        if self.train:
+            image = image.resize((self.size, self.size), Image.BILINEAR, box=self._crop_box(width, height))
+            if float(torch.rand(())) < 0.5:
+                image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        else:
+            scale = round(self.size / 0.875) / min(width, height)
+            w, h = max(self.size, round(width * scale)), max(self.size, round(height * scale))
+            left, top = (w - self.size) // 2, (h - self.size) // 2
+            image = image.resize((w, h), Image.BILINEAR).crop((left, top, left + self.size, top + self.size))
+        array = np.asarray(image, dtype=np.uint8).copy()
+        return torch.from_numpy(array).permute(2, 0, 1).float().div(255), label

@@ -54,6 +54,26 @@ def default_milestones(epochs: int) -> list[int]:
     return [round(epochs * f) for f in (150 / 240, 180 / 240, 210 / 240)]
 
 
+def _normalisation(mean: Sequence[float] | None, std: Sequence[float] | None,
+                   augmenter: nn.Module) -> tuple[Tensor, Tensor] | None:
+    """(mean, std) as (1, C, 1, 1) tensors, checked against a policy augmenter's own; None for no normalisation."""
+    if mean is None and std is None:
+        return None
+    if mean is None or std is None:
+        raise DiffAugError(f"mean and std must be given together; got mean={mean!r}, std={std!r}")
+    mean_t, std_t = (torch.as_tensor(v, dtype=torch.float32).flatten() for v in (mean, std))
+    if mean_t.shape != std_t.shape or not bool((std_t > 0).all()):
+        raise DiffAugError(f"mean and std must be as many numbers each, std > 0; got mean={mean!r}, std={std!r}")
+    if isinstance(augmenter, _POLICIES):
+        own = (augmenter.mean, augmenter.std)
+        if own[0] is None or not (torch.allclose(own[0].flatten().cpu(), mean_t) and
+                                  torch.allclose(own[1].flatten().cpu(), std_t)):
+            got = "none" if own[0] is None else f"mean={own[0].flatten().tolist()}, std={own[1].flatten().tolist()}"
+            raise DiffAugError(f"the augmenter sees normalised images, so it must be built with the Distiller's "
+                               f"mean={list(mean)} and std={list(std)} (PolicyAugmenter(mean=..., std=...)); it has {got}")
+    return mean_t.view(1, -1, 1, 1), std_t.view(1, -1, 1, 1)
+
+
 def _numpy_state() -> list[Any]:
     kind, keys, position, has_gauss, cached = np.random.get_state()
     return [kind, keys.tolist(), int(position), int(has_gauss), float(cached)]
@@ -78,6 +98,10 @@ class Distiller:
             targets, generator) -> (images, targets)``); the paper's baselines all use a padded random crop and a
             flip (``diffaug.distill.data.random_crop_flip``). Drawn from the Distiller's seeded generator, so
             runs stay reproducible and resume exactly. Default: none.
+        mean, std: the dataset's normalisation (per channel), for loaders that yield images in [0, 1]: applied on
+            the device after ``standard_augment``, in both stages and in ``evaluate``, so the models see normalised
+            images. A PolicyAugmenter must then be built with the same ``mean`` and ``std`` (it works in [0, 1]
+            inside). Default: none (the loader's images go to the models as they are).
         lr, momentum, weight_decay, nesterov: Stage III SGD (the paper's).
         optimiser: instead, a function from the parameters to train to a ``torch.optim.Optimizer`` (e.g.
             ``lambda params: torch.optim.Adam(params, lr=3e-3)``); the milestones scale its learning rates alike.
@@ -109,6 +133,8 @@ class Distiller:
         *,
         task: str | Task = "classification",
         standard_augment: Callable[[Tensor, torch.Generator], Tensor] | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
         lr: float = 0.1,
         momentum: float = 0.9,
         weight_decay: float = 1e-4,
@@ -153,6 +179,7 @@ class Distiller:
         if standard_augment is not None and not callable(standard_augment):
             raise DiffAugError(f"standard_augment must be callable as f(images, generator); got {standard_augment!r}")
         self.standard_augment = standard_augment
+        self.normalisation = _normalisation(mean, std, augmenter)
         if amp not in (None, "bf16", "fp16"):
             raise DiffAugError(f"amp must be None, 'bf16' or 'fp16'; got {amp!r}")
         self.device = torch.device(device)
@@ -161,6 +188,8 @@ class Distiller:
         self.rank, self.world = _rank(), _world()
         self.seed = seed
         memory_format = torch.channels_last if channels_last else torch.preserve_format
+        if self.normalisation is not None:
+            self.normalisation = tuple(t.to(self.device) for t in self.normalisation)
         self.teacher = teacher.to(self.device, memory_format=memory_format).eval().requires_grad_(False)
         self.student = student.to(self.device, memory_format=memory_format)
         self.augmenter = augmenter.to(self.device)
@@ -223,10 +252,16 @@ class Distiller:
                 "before anything was saved, so the last checkpoint is intact (lower the learning rate or use bf16)"
             )
 
+    def _normalise(self, x: Tensor) -> Tensor:
+        if self.normalisation is None:
+            return x
+        mean, std = self.normalisation
+        return ((x - mean) / std).contiguous(memory_format=self.memory_format)
+
     def _standard(self, x: Tensor, y: Any) -> tuple[Tensor, Any]:
-        if self.standard_augment is None:
-            return x, y
-        return self.task.standard(self.standard_augment, x, y, self.generator)
+        if self.standard_augment is not None:
+            x, y = self.task.standard(self.standard_augment, x, y, self.generator)
+        return self._normalise(x), y
 
     def _augment(self, x: Tensor, **targets: Any) -> Tensor | Augmented:
         if isinstance(self.augmenter, _POLICIES):
@@ -310,9 +345,11 @@ class Distiller:
         """The task's metric of the student on ``loader``, over every rank's share: top-1 accuracy for
         classification, mean IoU for segmentation, box error in pixels for ``Localisation``."""
         self.student.eval()
+        self._sync_buffers()
         statistics: Tensor | None = None
         for batch in loader:
             x, y = self._batch(batch)
+            x = self._normalise(x)
             with self._autocast():
                 batch_statistics = self.task.statistics(self.student(x), y)
             statistics = batch_statistics if statistics is None else statistics + batch_statistics
@@ -343,8 +380,19 @@ class Distiller:
         if isinstance(generator, torch.Generator):
             generator.manual_seed(self.seed * 100003 + epoch)
 
+    def _sync_buffers(self) -> None:
+        """Give every rank rank 0's student buffers (BatchNorm statistics) before the student is used in eval mode.
+
+        DDP broadcasts them before each training forward, but that forward then updates each rank's copy with its
+        own batch. Stage II and ``evaluate`` must see one student on every rank, and a run resumed from rank 0's
+        checkpoint must search as the uninterrupted run did."""
+        if self.world > 1:
+            for buffer in self.student.buffers():
+                dist.broadcast(buffer, src=0)
+
     def _search_block(self, train_loader: Iterable) -> list[dict[str, Any]]:
         """Stage II for ``search_steps`` steps (default one pass), in as many passes over the data as that takes."""
+        self._sync_buffers()
         records: list[dict[str, Any]] = []
         passes = 0
         while True:
@@ -432,14 +480,28 @@ class Distiller:
             "step": self.step,
             "iteration": self.iteration,
             "history": json.dumps(self.history),
-            "rng": {
-                "generator": self.generator.get_state(),
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                "python": json.dumps(random.getstate()),
-                "numpy": json.dumps(_numpy_state()),
-            },
+            "rng": self._rng_state(),
         }
+
+    def _rng_state(self) -> dict[str, Any]:
+        """This process's random streams: the policy generator and the global ones."""
+        return {
+            "generator": self.generator.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python": json.dumps(random.getstate()),
+            "numpy": json.dumps(_numpy_state()),
+        }
+
+    def _set_rng_state(self, rng: dict[str, Any]) -> None:
+        self.generator.set_state(rng["generator"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        version, internal, *rest = json.loads(rng["python"])
+        random.setstate((version, tuple(internal), *rest))
+        kind, keys, position, has_gauss, cached = json.loads(rng["numpy"])
+        np.random.set_state((kind, np.array(keys, dtype=np.uint32), position, has_gauss, cached))
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.student.load_state_dict(state["student"])
@@ -452,20 +514,26 @@ class Distiller:
         self.search_scaler.load_state_dict(state.get("search_scaler", {}))
         self.epoch, self.step, self.iteration = int(state["epoch"]), int(state["step"]), int(state["iteration"])
         self.history = json.loads(state["history"])
-        rng = state["rng"]
-        self.generator.set_state(rng["generator"])
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        version, internal, *rest = json.loads(rng["python"])
-        random.setstate((version, tuple(internal), *rest))
-        kind, keys, position, has_gauss, cached = json.loads(rng["numpy"])
-        np.random.set_state((kind, np.array(keys, dtype=np.uint32), position, has_gauss, cached))
+        # Under DDP every rank resumes its own streams (its policy draws differ from the others'); a run resumed
+        # on another number of ranks takes rank 0's, offset as a fresh run's are.
+        ranks = state.get("rng_ranks", [])
+        if len(ranks) == self.world:
+            self._set_rng_state(ranks[self.rank])
+        else:
+            self._set_rng_state(state["rng"])
+            if self.rank:
+                self.generator.manual_seed(int(torch.randint(2**62, (1,), generator=self.generator)) + self.rank)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write a checkpoint atomically (rank 0 only): an interruption leaves the previous one intact."""
+        """Write a checkpoint atomically (by rank 0, with every rank's random streams): an interruption leaves the
+        previous one intact. Call it on every rank."""
+        ranks: list[Any] = [None] * self.world
+        if self.world > 1:  # every rank's random streams, so that each resumes its own
+            dist.all_gather_object(ranks, self._rng_state())
         if self.rank == 0:
             state = self.state_dict()
+            if self.world > 1:
+                state["rng_ranks"] = ranks
             write_atomic(path, lambda temporary: torch.save(state, temporary))
         if self.world > 1:
             dist.barrier()
