@@ -1,7 +1,8 @@
-"""Speed of PolicyAugmenter, side by side with its peers in one run, on one CPU thread.
+"""Speed of PolicyAugmenter, side by side with its peers in one run, on one CPU thread (or one GPU).
 
-    python benchmarks/bench_speed.py            # both batch shapes
+    python benchmarks/bench_speed.py            # 128x3x32x32, 32x3x224x224 and 8x3x8x8 on the CPU
     python benchmarks/bench_speed.py --quick    # fewer repeats
+    python benchmarks/bench_speed.py --device cuda --dtype bfloat16   # 128x3x32x32 and 256x3x224x224 on a GPU
 
 Measured per batch (median of repeats, after warm-up), at equal batch size and n_ops = 4:
 
@@ -15,6 +16,9 @@ Measured per batch (median of repeats, after warm-up), at equal batch size and n
   step to train step (target <= 1.2x), and the same step moving label masks and two boxes an image (target
   <= 1.1x the composed step without them);
 * the memory-bandwidth floor, ``x.clone()``: the fraction of it reached, clone time / our time;
+* dispatched aten ops per call (torch profiler, nested ones included): on a GPU each is a kernel launch of
+  several microseconds whatever the batch, the floor of a step (DESIGN.md, section 7); the first (cold) call's
+  time is reported too;
 * minor page faults per call (Linux): glibc returns freed heap memory to the system after every step and the next
   step faults it back in (about 2.5 us a page on this VM). Rerun with more lenient allocator settings to see how
   much of a step that is::
@@ -30,6 +34,7 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -46,14 +51,36 @@ def _page_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def timed(
-    candidates: dict[str, Callable[[], object]], repeats: int, warmup: int = 3
-) -> dict[str, tuple[float, float]]:
-    """Median milliseconds and mean minor page faults per call of each candidate, run in turn round after round so
-    that load on the (shared) machine falls on all of them alike."""
-    for fn in candidates.values():
-        for _ in range(warmup):
+def dispatched_ops(fn: Callable[[], object]) -> int:
+    """aten ops one call dispatches, nested ones included (what a GPU would launch, give or take views)."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        fn()
+    return sum(1 for event in prof.events() if event.name.startswith("aten::"))
+
+
+class Measured(NamedTuple):
+    ms: float  # median per call
+    faults: float  # minor page faults per call
+    ops: int  # dispatched aten ops per call
+    cold_ms: float  # the first call
+
+
+def timed(candidates: dict[str, Callable[[], object]], repeats: int, sync: Callable[[], None],
+          warmup: int = 3) -> dict[str, Measured]:
+    """Median milliseconds, page faults and dispatched ops per call of each candidate, run in turn round after
+    round so that load on the (shared) machine falls on all of them alike; ``sync`` waits for the device."""
+    cold = {}
+    for name, fn in candidates.items():
+        start = time.perf_counter()
+        fn()
+        sync()
+        cold[name] = 1e3 * (time.perf_counter() - start)
+        for _ in range(warmup - 1):
             fn()
+    ops = {name: dispatched_ops(fn) for name, fn in candidates.items()}
+    sync()
     times: dict[str, list[float]] = {name: [] for name in candidates}
     faults = dict.fromkeys(candidates, 0)
     for _ in range(repeats):
@@ -61,29 +88,33 @@ def timed(
             before = _page_faults()
             start = time.perf_counter()
             fn()
+            sync()
             times[name].append(time.perf_counter() - start)
             faults[name] += _page_faults() - before
-    return {name: (1e3 * statistics.median(t), faults[name] / repeats) for name, t in times.items()}
+    return {name: Measured(1e3 * statistics.median(t), faults[name] / repeats, ops[name], cold[name])
+            for name, t in times.items()}
 
 
-def bench(batch: int, size: int, repeats: int) -> dict[str, tuple[float, float]]:
+def bench(batch: int, size: int, repeats: int, device: str = "cpu",
+          dtype: torch.dtype = torch.float32) -> dict[str, Measured]:
     import kornia.augmentation.auto as auto
 
     generator = torch.Generator().manual_seed(0)
-    x = torch.rand(batch, 3, size, size, generator=generator)
-    ours = PolicyAugmenter(seed=0)
-    paper = PolicyAugmenter(seed=0, arch="paper", selection="batch")
-    composed = PolicyAugmenter(seed=0, geometry="composed")
-    masks = torch.randint(0, 11, (batch, size, size), generator=generator)
-    boxes = [torch.tensor([[2.0, 3.0, size / 2, size - 1.0], [size / 4, size / 4, size - 2.0, size / 2]])] * batch
+    x = torch.rand(batch, 3, size, size, generator=generator).to(device, dtype)
+    ours = PolicyAugmenter(seed=0).to(device)
+    paper = PolicyAugmenter(seed=0, arch="paper", selection="batch").to(device)
+    composed = PolicyAugmenter(seed=0, geometry="composed").to(device)
+    masks = torch.randint(0, 11, (batch, size, size), generator=generator).to(device)
+    box = torch.tensor([[2.0, 3.0, size / 2, size - 1.0], [size / 4, size / 4, size - 2.0, size / 2]], device=device)
+    boxes = [box] * batch
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        kornia_randaugment = auto.RandAugment(n=2, m=10)
+        kornia_randaugment = auto.RandAugment(n=2, m=10).to(device)
 
-    def no_grad_forward(module: torch.nn.Module) -> Callable[[], object]:
+    def no_grad_forward(module: torch.nn.Module, images: torch.Tensor = x) -> Callable[[], object]:
         def run() -> object:
             with torch.no_grad():
-                return module(x)
+                return module(images)
 
         return run
 
@@ -104,38 +135,47 @@ def bench(batch: int, size: int, repeats: int) -> dict[str, tuple[float, float]]
     ours_eval.eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return timed(
-            {
-                "clone": x.clone,
-                "kornia RandAugment(n=2) fwd": no_grad_forward(kornia_randaugment),
-                "ours eval fwd (no grad)": no_grad_forward(ours_eval),
-                "ours train fwd+bwd": train_step(ours_train),
-                "paper form train fwd+bwd": train_step(paper),
-                "composed train fwd+bwd": train_step(composed),
-                "composed + masks, boxes": train_step(copy.deepcopy(composed), masks=masks, boxes=boxes),
-            },
-            repeats,
-        )
+        candidates = {
+            "clone": x.clone,
+            # kornia's ops are not all bfloat16-safe: it gets the same images in float32.
+            "kornia RandAugment(n=2) fwd": no_grad_forward(kornia_randaugment, x.float()),
+            "ours eval fwd (no grad)": no_grad_forward(ours_eval),
+            "ours train fwd+bwd": train_step(ours_train),
+            "paper form train fwd+bwd": train_step(paper),
+            "composed train fwd+bwd": train_step(composed),
+            "composed + masks, boxes": train_step(copy.deepcopy(composed), masks=masks, boxes=boxes),
+        }
+        sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+        return timed(candidates, repeats, sync)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
+    parser.add_argument("--device", default="cpu", help="cpu (one thread) or cuda (default: %(default)s)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="image dtype (default: %(default)s)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    print(f"torch {torch.__version__}, 1 thread, median of repeats; times in ms per batch\n")
-    for batch, size, repeats in ((128, 32, 30), (32, 224, 10)):
-        measured = bench(batch, size, max(5, repeats // 3) if args.quick else repeats)
-        r = {name: ms for name, (ms, _) in measured.items()}
+    dtype = getattr(torch, args.dtype)
+    on_gpu = args.device.startswith("cuda")
+    where = torch.cuda.get_device_name(args.device) if on_gpu else "1 thread"
+    print(f"torch {torch.__version__}, {where}, {args.dtype}, median of repeats; times in ms per batch\n")
+    shapes = ((128, 32, 30), (256, 224, 10)) if on_gpu else ((128, 32, 30), (32, 224, 10), (8, 8, 30))
+    for batch, size, repeats in shapes:
+        measured = bench(batch, size, max(5, repeats // 3) if args.quick else repeats, args.device, dtype)
+        r = {name: m.ms for name, m in measured.items()}
         ours_fwd, ours_step = r["ours eval fwd (no grad)"], r["ours train fwd+bwd"]
+        kornia = r["kornia RandAugment(n=2) fwd"]
         print(f"== {batch}x3x{size}x{size}")
-        for name, (ms, faults) in measured.items():
-            print(f"  {name:<30} {ms:8.2f}   ({faults:6.0f} page faults per call)")
-        print(f"  ratio kornia RandAugment / ours (no-grad fwd, target >= 1.0): {r['kornia RandAugment(n=2) fwd'] / ours_fwd:6.2f}")
+        print(f"  {'':<30} {'median':>8}   {'cold':>8}   {'aten ops':>8}   page faults")
+        for name, m in measured.items():
+            print(f"  {name:<30} {m.ms:8.2f}   {m.cold_ms:8.1f}   {m.ops:8d}   {m.faults:6.0f}")
+        print(f"  ratio kornia RandAugment / ours (no-grad fwd, target >= 1.0): {kornia / ours_fwd:6.2f}")
         print(f"  ratio paper form / ours (fwd+bwd):                          {r['paper form train fwd+bwd'] / ours_step:6.2f}")
         # The machine's speed drifts by up to 1.5x between runs; a ratio of two times taken side by side drifts less.
-        print(f"  ours train fwd+bwd / kornia RandAugment fwd:                {ours_step / r['kornia RandAugment(n=2) fwd']:6.2f}")
-        if (batch, size) == (128, 32):
+        print(f"  ours train fwd+bwd / kornia RandAugment fwd:                {ours_step / kornia:6.2f}")
+        if (batch, size) == (128, 32) and not on_gpu:
             lo, hi = AUTHORS_MS_128x32
             print(f"  authors' module {lo:.0f}-{hi:.0f} ms (measured earlier on this machine) / ours (target >= 4): "
                   f"{lo / ours_step:.1f}-{hi / ours_step:.1f}; target ours <= 20 ms: {'met' if ours_step <= 20 else 'NOT met'}")
