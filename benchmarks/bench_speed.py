@@ -155,15 +155,21 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu (one thread) or cuda (default: %(default)s)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="image dtype (default: %(default)s)")
+    parser.add_argument("--shapes", nargs="+", default=None, metavar="BxS",
+                        help="batch x side, e.g. 128x32 (default: 128x32 32x224 8x8; on a GPU 128x32 256x224)")
+    parser.add_argument("--repeats", type=int, default=None, help="rounds per shape (default: 30 at 32 px and below, "
+                        "10 at 224; a third of that with --quick)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     dtype = getattr(torch, args.dtype)
     on_gpu = args.device.startswith("cuda")
     where = torch.cuda.get_device_name(args.device) if on_gpu else "1 thread"
     print(f"torch {torch.__version__}, {where}, {args.dtype}, median of repeats; times in ms per batch\n")
-    shapes = ((128, 32, 30), (256, 224, 10)) if on_gpu else ((128, 32, 30), (32, 224, 10), (8, 8, 30))
-    for batch, size, repeats in shapes:
-        measured = bench(batch, size, max(5, repeats // 3) if args.quick else repeats, args.device, dtype)
+    shapes = args.shapes or (["128x32", "256x224"] if on_gpu else ["128x32", "32x224", "8x8"])
+    for shape in shapes:
+        batch, size = (int(v) for v in shape.split("x"))
+        repeats = args.repeats or (10 if size > 32 else 30) // (3 if args.quick else 1)
+        measured = bench(batch, size, repeats, args.device, dtype)
         r = {name: m.ms for name, m in measured.items()}
         ours_fwd, ours_step = r["ours eval fwd (no grad)"], r["ours train fwd+bwd"]
         kornia = r["kornia RandAugment(n=2) fwd"]
