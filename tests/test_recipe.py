@@ -188,3 +188,22 @@ def test_the_recipe_runs_under_torchrun_with_the_batch_split_over_ranks(tmp_path
     assert json.loads(run.stdout)["val_accuracy"] is not None
     history = json.loads((tmp_path / "run" / "history.json").read_text())
     assert len(history["train"]) == 100 // 20  # 5 steps: each rank takes 10 of the 20 images a step
+
+
+def test_the_cifar_recipe_starts_on_files_in_the_official_layout(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """CIFAR-100's python files (``train``, ``test``, fine labels), written here in their layout with random
+    pixels (the data cannot be downloaded): the README's command with small models and one epoch."""
+    import pickle
+
+    rng = np.random.default_rng(0)
+    for name, count in (("train", 100), ("test", 20)):
+        batch = {b"data": rng.integers(0, 256, (count, 3072), dtype=np.uint8),
+                 b"fine_labels": [int(v) for v in rng.integers(0, 100, count)], b"coarse_labels": [0] * count}
+        (tmp_path / name).write_bytes(pickle.dumps(batch, protocol=2))
+    argv = ["--data", "cifar", "--cifar-dir", str(tmp_path), *QUICK, "--kd", "dist",
+            "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "run")]
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["kd"] == "dist"
+    checkpoint = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert checkpoint["student"]["fc.weight"].shape == (100, 64)  # 100 classes, from the fine labels

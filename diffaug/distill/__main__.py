@@ -143,7 +143,8 @@ def load_data(args: argparse.Namespace) -> tuple[Dataset, Dataset, int, int, tup
         if args.cifar_dir is None:
             raise DiffAugError("--data cifar needs --cifar-dir, a folder with the CIFAR python batches; got none")
         train, test = cifar(args.cifar_dir)
-        classes = int(train.tensors[1].max()) + 1
+        # The layout names the dataset (as cifar() reads it); the largest label might be missing from the files.
+        classes = 10 if (Path(args.cifar_dir) / "data_batch_1").is_file() else 100
     images = train.tensors[0]
     return train, test, images.shape[1], classes, channel_statistics(images)
 
