@@ -15,6 +15,9 @@ Measured per batch (median of repeats, after warm-up), at equal batch size and n
 * ``geometry="composed"`` (one warp per image, what masks and boxes need) against the residual geometry, train
   step to train step (target <= 1.2x), and the same step moving label masks and two boxes an image (target
   <= 1.1x the composed step without them);
+* ``compile=True`` (every pair computed with static shapes, fused by torch.compile) in eval and train mode, its
+  first call (the compilation) as the cold time: targets a train step <= 1x kornia's forward and an eval forward
+  >= 2x faster than kornia's;
 * the memory-bandwidth floor, ``x.clone()``: the fraction of it reached, clone time / our time;
 * dispatched aten ops per call (torch profiler, nested ones included): on a GPU each is a kernel launch of
   several microseconds whatever the batch, the floor of a step (DESIGN.md, section 7); the first (cold) call's
@@ -133,6 +136,8 @@ def bench(batch: int, size: int, repeats: int, device: str = "cpu",
 
     ours_eval, ours_train = ours, copy.deepcopy(ours)
     ours_eval.eval()
+    compiled_eval, compiled_train = PolicyAugmenter(seed=0, compile=True).to(device).eval(), \
+        PolicyAugmenter(seed=0, compile=True).to(device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         candidates = {
@@ -141,6 +146,8 @@ def bench(batch: int, size: int, repeats: int, device: str = "cpu",
             "kornia RandAugment(n=2) fwd": no_grad_forward(kornia_randaugment, x.float()),
             "ours eval fwd (no grad)": no_grad_forward(ours_eval),
             "ours train fwd+bwd": train_step(ours_train),
+            "compiled eval fwd (no grad)": no_grad_forward(compiled_eval),
+            "compiled train fwd+bwd": train_step(compiled_train),
             "paper form train fwd+bwd": train_step(paper),
             "composed train fwd+bwd": train_step(composed),
             "composed + masks, boxes": train_step(copy.deepcopy(composed), masks=masks, boxes=boxes),
@@ -181,6 +188,9 @@ def main() -> None:
         print(f"  ratio paper form / ours (fwd+bwd):                          {r['paper form train fwd+bwd'] / ours_step:6.2f}")
         # The machine's speed drifts by up to 1.5x between runs; a ratio of two times taken side by side drifts less.
         print(f"  ours train fwd+bwd / kornia RandAugment fwd:                {ours_step / kornia:6.2f}")
+        fast_fwd, fast_step = r["compiled eval fwd (no grad)"], r["compiled train fwd+bwd"]
+        print(f"  compile=True: kornia fwd / eval fwd (target >= 2):          {kornia / fast_fwd:6.2f}")
+        print(f"  compile=True: train fwd+bwd / kornia fwd (target <= 1):     {fast_step / kornia:6.2f}")
         if (batch, size) == (128, 32) and not on_gpu:
             lo, hi = AUTHORS_MS_128x32
             print(f"  authors' module {lo:.0f}-{hi:.0f} ms (measured earlier on this machine) / ours (target >= 4): "

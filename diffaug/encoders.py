@@ -84,8 +84,8 @@ class MagnitudeNetStack:
         if torch.is_autocast_enabled(magnitude.device.type):  # float32 coefficients, as MagnitudeNet
             with torch.autocast(magnitude.device.type, enabled=False):
                 return self(magnitude, which)
-        if not self._current():
-            self._pack()
+        if not torch.compiler.is_compiling():  # a compiled caller calls refresh() before, in eager
+            self.refresh()
         width, out = self._width, self._out
         rows = self._table.index_select(0, which)  # type: ignore[union-attr]
         first_weight, first_bias, last_weight, bias, linear_weight = rows.split([width, width, out * width, out, out], 1)
@@ -94,6 +94,11 @@ class MagnitudeNetStack:
         # A product and a sum: batched matrix-vector products (bmm) of these sizes cost 4x more on the CPU.
         hidden_term = (last_weight.view(-1, out, width) * hidden.unsqueeze(1)).sum(2)
         return m * (torch.addcmul(bias, m, linear_weight) + hidden_term)
+
+    def refresh(self) -> None:
+        """Rebuild the table if the nets' weights changed since it was packed."""
+        if self.nets and not self._current():
+            self._pack()
 
     def _current(self) -> bool:
         """Whether the table still holds the nets' weights: the same tensors (checked on each net's first weight,

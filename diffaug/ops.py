@@ -171,7 +171,7 @@ def equalize(x: Tensor) -> Tensor:
     lut = torch.div(before + torch.div(step, 2, rounding_mode="floor"), step.clamp(min=1), rounding_mode="floor")
     out = lut.clamp_(max=255).div_(255).to(x.dtype).gather(1, levels).view(b, c, h, w)
     unchanged = step == 0  # a channel of one level (or of one level and a single other pixel): PIL returns it as is
-    return torch.where(unchanged.view(b, c, 1, 1), x, out) if bool(unchanged.any()) else out
+    return torch.where(unchanged.view(b, c, 1, 1), x, out)  # always: a test on the host would sync
 
 
 def invert(x: Tensor) -> Tensor:
