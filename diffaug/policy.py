@@ -56,7 +56,8 @@ def _relaxed_bernoulli(logits: Tensor, uniform: Tensor, temperature: float) -> T
 
 def _uniform(shape: Sequence[int], generator: torch.Generator | None, device: torch.device) -> Tensor:
     draw_on = generator.device if generator is not None else device
-    return torch.rand(tuple(shape), generator=generator, device=draw_on).to(device)
+    noise = torch.rand(tuple(shape), generator=generator, device=draw_on)
+    return noise if noise.device == device else noise.to(device)
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,8 @@ class PolicySample:
         return replace(self, **{f.name: getattr(self, f.name)[index] for f in fields(self) if f.name != "ops"})
 
     def to(self, device: torch.device | str) -> PolicySample:
+        if self.selected.device == torch.device(device):  # the common case, without five no-op dispatches
+            return self
         return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self) if f.name != "ops"})
 
     def detach(self) -> PolicySample:
