@@ -702,7 +702,8 @@ class PolicyAugmenter(_Policy):
     _setting_names = (*_Policy._setting_names, "forward")
 
     def _pixel_path(self) -> Any:
-        self._magnitude_nets.refresh()  # in eager: the compiled path reads the packed table as it is
+        if self._static:  # in eager: the compiled path reads the packed table as it is (the eager one checks it)
+            self._magnitude_nets.refresh()
         return super()._pixel_path()
 
     def _needs_encoders(self, magnitude: Tensor) -> bool:
