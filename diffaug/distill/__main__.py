@@ -41,7 +41,7 @@ from ..files import write_atomic
 from ..policy import PolicyAugmenter
 from .data import (IMAGENET_MEAN, IMAGENET_STD, ImageFolder, channel_statistics, cifar, mnist5k, photo_patches,
                    random_crop_flip, small_models)
-from .loop import Distiller
+from .loop import PAPER_MILESTONES, Distiller, default_milestones
 from .models import MODELS, build_model
 
 
@@ -63,13 +63,13 @@ class Recipe:
     teacher_milestones: tuple[float, ...] | None
 
 
-_PAPER_STEPS = (150 / 240, 180 / 240, 210 / 240)
 RECIPES = {
-    "cifar": Recipe(240, 128, 0.1, 1e-4, _PAPER_STEPS, ("wrn_40_2", "wrn_16_2"), 240, 64, 0.05, 5e-4, _PAPER_STEPS),
+    "cifar": Recipe(240, 128, 0.1, 1e-4, PAPER_MILESTONES, ("wrn_40_2", "wrn_16_2"), 240, 64, 0.05, 5e-4,
+                    PAPER_MILESTONES),
     "folder": Recipe(100, 256, 0.1, 1e-4, (0.3, 0.6, 0.9), ("resnet34", "resnet18"), 100, 256, 0.1, 1e-4,
                      (0.3, 0.6, 0.9)),
-    "mnist": Recipe(8, 64, 0.05, 1e-4, _PAPER_STEPS, ("small", "small"), 15, 64, 0.05, 5e-4, None),
-    "photos": Recipe(8, 64, 0.05, 1e-4, _PAPER_STEPS, ("small", "small"), 15, 64, 0.05, 5e-4, None),
+    "mnist": Recipe(8, 64, 0.05, 1e-4, PAPER_MILESTONES, ("small", "small"), 15, 64, 0.05, 5e-4, None),
+    "photos": Recipe(8, 64, 0.05, 1e-4, PAPER_MILESTONES, ("small", "small"), 15, 64, 0.05, 5e-4, None),
 }
 # Stage III learning rates of the paper's CIFAR pairs that differ from 0.1 (DESIGN.md, section 5).
 PAIR_LR = {("wrn_40_2", "wrn_40_1"): 0.05, ("wrn_40_2", "shufflev1"): 0.05, ("resnet32x4", "shufflev1"): 0.02}
@@ -92,10 +92,7 @@ def train_teacher(model: torch.nn.Module, loader: DataLoader, epochs: int, devic
     else:
         steps = [m * len(loader) for m in milestones]
         schedule = torch.optim.lr_scheduler.MultiStepLR(optimiser, steps, gamma=0.1)
-    for epoch in range(epochs):
-        sampler = getattr(loader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
+    for _ in range(epochs):
         for x, y in loader:
             x = x.to(device)
             if standard_augment is not None:
@@ -195,7 +192,7 @@ def prepare_teacher(args: argparse.Namespace, teacher: nn.Module, train: Dataset
                             generator=torch.Generator().manual_seed(args.seed), drop_last=args.data == "folder")
         lr = recipe.teacher_lr if args.teacher not in LIGHT_MODELS else 0.01
         milestones = None if recipe.teacher_milestones is None else \
-            [round(args.teacher_epochs * f) for f in recipe.teacher_milestones]
+            default_milestones(args.teacher_epochs, recipe.teacher_milestones)
         augment = None if args.data == "folder" else standard_augment(args.data)
         train_teacher(teacher, loader, args.teacher_epochs, args.device, normalised(augment, *normalisation),
                       seed=args.seed, lr=lr, weight_decay=recipe.teacher_weight_decay, milestones=milestones)
@@ -289,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         augmenter = PolicyAugmenter(mean=mean, std=std)
         distiller = Distiller(
             teacher, student, augmenter, kd=args.kd, lr=args.lr, weight_decay=recipe.weight_decay,
-            milestones=[round(args.epochs * f) for f in recipe.milestones],
+            milestones=default_milestones(args.epochs, recipe.milestones),
             standard_augment=None if args.data == "folder" else standard_augment(args.data), mean=mean, std=std,
             device=args.device, amp=args.amp, channels_last=args.channels_last, seed=args.seed)
         out = Path(args.out)

@@ -49,9 +49,14 @@ def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def default_milestones(epochs: int) -> list[int]:
-    """The epochs at which Stage III's learning rate drops: 150, 180 and 210 of 240, scaled to ``epochs``."""
-    return [round(epochs * f) for f in (150 / 240, 180 / 240, 210 / 240)]
+# The paper's CIFAR steps: epochs 150, 180 and 210 of 240.
+PAPER_MILESTONES = (150 / 240, 180 / 240, 210 / 240)
+
+
+def default_milestones(epochs: int, fractions: Sequence[float] = PAPER_MILESTONES) -> list[int]:
+    """The epochs at which Stage III's learning rate drops: ``fractions`` of the way through (by default the
+    paper's 150, 180 and 210 of 240), scaled to ``epochs``."""
+    return [round(epochs * f) for f in fractions]
 
 
 def _normalisation(mean: Sequence[float] | None, std: Sequence[float] | None,
