@@ -89,15 +89,28 @@ def warp(x: Tensor, linear: Tensor, shift: Tensor, mode: Literal["bilinear", "ne
         shift: (B, 2) input offsets as a fraction of (W, H).
         mode: "bilinear" for images and soft masks; "nearest" for label maps.
     """
+    return resample(x, sampling_grid(x, linear, shift), mode)
+
+
+def sampling_grid(x: Tensor, linear: Tensor, shift: Tensor) -> Tensor:
+    """(B, H, W, 2) grid of ``warp``'s maps for images like ``x`` (its size, dtype and device), to sample other
+    tensors of the same images by the same maps with ``resample`` (masks after their images) without rebuilding it."""
     if torch.is_autocast_enabled(x.device.type):  # a half-precision grid would move pixels by ~1e-3 of the size
         with torch.autocast(x.device.type, enabled=False):
-            return warp(x, linear, shift, mode)
+            return sampling_grid(x, linear, shift)
     height, width = x.shape[-2:]
     scaled = linear.to(x.dtype) * grid_scale(height, width, x)
     # Per image: the grid's (x, y) step per unit of u, per unit of v, and its offset; see _grid_basis.
     theta = torch.cat([scaled.transpose(1, 2).reshape(-1, 4), 2 * shift.to(x.dtype)], dim=1)
-    grid = (theta @ _grid_basis(height, width, x.dtype, x.device)).view(-1, height, width, 2)
-    return F.grid_sample(x, grid, mode=mode, padding_mode="zeros", align_corners=False)
+    return (theta @ _grid_basis(height, width, x.dtype, x.device)).view(-1, height, width, 2)
+
+
+def resample(x: Tensor, grid: Tensor, mode: Literal["bilinear", "nearest"] = "bilinear") -> Tensor:
+    """``x`` sampled at ``grid`` (from ``sampling_grid``), black outside the image: the second half of ``warp``."""
+    if torch.is_autocast_enabled(x.device.type):  # in the images' dtype, as without autocast
+        with torch.autocast(x.device.type, enabled=False):
+            return resample(x, grid, mode)
+    return F.grid_sample(x, grid.to(x.dtype), mode=mode, padding_mode="zeros", align_corners=False)
 
 
 def grid_scale(height: int, width: int, like: Tensor) -> Tensor:

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from .encoders import AffineEncoder, MagnitudeNetStack, MetaEncoder
 from .errors import DiffAugError, check_images, check_names
-from .ops import get_op, op_names, warp
+from .ops import get_op, op_names, resample, sampling_grid, warp
 from .targets import Augmented, check_targets, move_targets
 
 __all__ = ["GEOMETRIES", "MAGNITUDE_SAMPLINGS", "PolicyAugmenter", "PolicySample", "ReferencePolicy", "relaxed_bernoulli"]
@@ -330,13 +330,13 @@ class _Policy(nn.Module):
         if self._static and images.shape[0] > 1:
             for tensor in inputs:  # one graph for every batch size (an epoch's last batch too)
                 torch._dynamo.maybe_mark_dynamic(tensor, 0)
-        out, linear, shift, moved = self._pixel_path()(*inputs)
+        out, linear, shift, moved, grid = self._pixel_path()(*inputs)
         out = self._normalise(out)
         out = out.squeeze(0) if unbatched else out
         if not with_targets:
             return out
         moved_targets = move_targets(linear, shift, moved, masks, boxes, keypoints, tuple(x.shape[-2:]),
-                                     self.ignore_index)
+                                     self.ignore_index, grid)
         return Augmented(out, *moved_targets)
 
     def _pairs(self, active: Tensor) -> tuple[Tensor, Tensor, list[int]]:
@@ -353,9 +353,10 @@ class _Policy(nn.Module):
         return op_index, image_index, [batch] * k
 
     def _pixels(self, images: Tensor, selected: Tensor, sample_gates: Tensor, sample_magnitudes: Tensor,
-                positions: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
-        """The augmented images in [0, 1] and, with ``geometry="composed"``, each image's map (linear, shift) and
-        the indices of the moved images. Each group of ops gathers its images, transforms them in one call and
+                positions: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+        """The augmented images in [0, 1] and, with ``geometry="composed"``, each image's map (linear, shift), the
+        indices of the moved images and, in eager mode, their sampling grid (for the masks; a compiled graph would
+        have to write it out for every call). Each group of ops gathers its images, transforms them in one call and
         adds its gated residuals back. What ``compile=True`` compiles: with static shapes, no host sync."""
         still = self._has_magnitude & (sample_magnitudes.detach().abs() < _NEGLIGIBLE)  # a mask: no graph needed
         active = selected & (sample_gates >= _NEGLIGIBLE) & ~still
@@ -382,15 +383,19 @@ class _Policy(nn.Module):
         )
         groups = list(per_group)
         base = images
-        linear = shift = moved = None
+        linear = shift = moved = grid = None
         if self.geometry == "composed":  # geometry first, one warp per moved image; the other ops act on its output
             affine = groups.pop(self._affine_group) if self._affine_group is not None else None
             linear, shift, moved = self._compose(images, affine)
             if self._static:
                 base = warp(images, linear, shift) if affine is not None else images
+            elif moved.numel() == images.shape[0]:  # every image moves (moved is sorted): no gather, no scatter
+                grid = sampling_grid(images, linear, shift)
+                base = resample(images, grid)
             elif moved.numel():
-                warped = warp(images.index_select(0, moved), linear.index_select(0, moved), shift.index_select(0, moved))
-                base = images.index_copy(0, moved, warped)
+                part = images.index_select(0, moved)
+                grid = sampling_grid(part, linear.index_select(0, moved), shift.index_select(0, moved))
+                base = images.index_copy(0, moved, resample(part, grid))
         out = base.clone()  # accumulates base + sum of gated residuals in place: no full-batch temporaries
         # After a warp the other ops' residuals are differentiated as Eq. 5 differentiates every op, on an input
         # that does not move: the geometry's gradient takes the direct path (base), not the path through each
@@ -413,7 +418,7 @@ class _Policy(nn.Module):
             # the graph, with the zero gradient of skipped pairs, so that a loss on it alone can still backward().
             out = out + 0 * sample_gates.sum()
         out = F.hardtanh(out, 0.0, 1.0) if self._static else F.hardtanh_(out, 0.0, 1.0)  # clip01 (in place, eager)
-        return out, linear, shift, moved
+        return out, linear, shift, moved, grid
 
     def _compose(self, images: Tensor, group: tuple | None) -> tuple[Tensor, Tensor, Tensor]:
         """Each image's drawn affine ops as one map: (B, 2, 2) linear, (B, 2) shift (``warp``'s arguments) and the

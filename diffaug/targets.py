@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .errors import DiffAugError
-from .ops import warp
+from .ops import resample, sampling_grid
 
 __all__ = ["Augmented", "check_targets", "move_targets"]
 
@@ -114,6 +114,7 @@ def move_targets(
     keypoints: Sequence[Tensor] | None,
     size: tuple[int, int],
     ignore_index: int,
+    grid: Tensor | None = None,
 ) -> tuple[Tensor | None, list[Tensor] | None, list[Tensor] | None, list[Tensor] | None]:
     """Move checked targets (``check_targets``) by each image's map.
 
@@ -122,13 +123,15 @@ def move_targets(
         moved: (B,) long, the images whose map is not the identity; the others keep their targets exactly.
         masks, boxes, keypoints: the targets (None where not given).
         ignore_index: the label of pixels brought in from outside the image in integer masks.
+        grid: the moved images' sampling grid (``ops.sampling_grid``), if the augmenter has it: the masks reuse it
+            where its dtype is theirs (float32 for label masks) instead of building the same grid again.
 
     Returns:
         masks, boxes, keypoints and the boxes' keep flags (None for what was not given).
     """
     is_moved = torch.zeros(linear.shape[0], dtype=torch.bool, device=linear.device).index_fill(0, moved, True)
     if masks is not None:
-        masks = _warp_masks(masks.to(linear.device), linear, shift, moved, ignore_index)
+        masks = _warp_masks(masks.to(linear.device), linear, shift, moved, ignore_index, grid)
     keep = None
     if boxes is not None:
         boxes, keep = _move_boxes(boxes, linear, shift, is_moved, size)
@@ -144,20 +147,27 @@ def _pixels(size: tuple[int, int], like: Tensor) -> Tensor:
     return torch.tensor([[width, height]], dtype=like.dtype, device=like.device)
 
 
-def _warp_masks(masks: Tensor, linear: Tensor, shift: Tensor, moved: Tensor, ignore_index: int) -> Tensor:
+def _warp_masks(masks: Tensor, linear: Tensor, shift: Tensor, moved: Tensor, ignore_index: int,
+                grid: Tensor | None) -> Tensor:
     if moved.numel() == 0:
         return masks
-    part, linear, shift = masks.index_select(0, moved), linear.index_select(0, moved), shift.index_select(0, moved)
-    if masks.dim() == 4:  # soft masks: bilinear, differentiable, as the images
-        return masks.index_copy(0, moved, warp(part, linear, shift).to(masks.dtype))
+    every = moved.numel() == masks.shape[0]  # moved is sorted: then it is every image, and needs no gather or scatter
+    part = masks if every else masks.index_select(0, moved)
+    soft = masks.dim() == 4  # soft masks: bilinear, differentiable, as the images
     # Labels + 1 as floats (exact below 2**24) warped by nearest neighbour: the zero padding then marks the pixels
     # brought in from outside the image, which become ignore_index. Nearest sampling copies an input value or the
     # padding, so the floats stay exact integers: no rounding, and the arithmetic stays in float32 (on the CPU,
     # 1.0 ms against 3.6 ms in int64 at 128x32x32). No gradient: labels are piecewise constant.
-    with torch.no_grad():
-        labels = warp((part.to(torch.float32) + 1).unsqueeze(1), linear.float(), shift.float(), "nearest").squeeze(1)
-        labels = labels.masked_fill_(labels == 0, ignore_index + 1).sub_(1)
-    return masks.index_copy(0, moved, labels.to(masks.dtype))
+    values = part if soft else (part.to(torch.float32) + 1).unsqueeze(1)
+    if grid is None or grid.dtype != values.dtype:
+        grid = sampling_grid(values, linear.index_select(0, moved), shift.index_select(0, moved))
+    if soft:
+        warped = resample(values, grid)
+    else:
+        with torch.no_grad():
+            labels = resample(values, grid.detach(), "nearest").squeeze(1)
+            warped = labels.masked_fill_(labels == 0, ignore_index + 1).sub_(1).to(masks.dtype)
+    return warped if every else masks.index_copy(0, moved, warped)
 
 
 def _move_boxes(boxes: Sequence[Tensor], linear: Tensor, shift: Tensor, is_moved: Tensor, size: tuple[int, int]

@@ -165,6 +165,33 @@ def test_batched_equals_per_image_and_inputs_are_not_modified(images: torch.Tens
         torch.testing.assert_close(one.keypoints[0], batched.keypoints[i], atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("moving", ["some", "every"])
+def test_masks_on_the_images_grid_equal_masks_on_a_grid_of_their_own(images: torch.Tensor, moving: str) -> None:
+    """The augmenter hands the images' sampling grid to the masks (where the dtype matches) instead of building it
+    again; that must give exactly what ``move_targets`` gives from the maps alone, with some images left unmoved
+    (gather and scatter) and with every image moved (neither)."""
+    from diffaug.targets import move_targets
+
+    aug = PolicyAugmenter(geometry="composed", seed=2).eval()
+    sample = _sample(aug, {"Rotate": 1.0, "TranslateY": 1.0, "Brightness": 0.3}, batch=len(images))
+    angles = torch.linspace(-0.8, 0.8, len(images)).unsqueeze(1)  # a different map for every image
+    magnitudes = sample.magnitudes * torch.where(torch.tensor([op in AFFINE for op in aug.ops]), angles, 1.0)
+    still = (torch.arange(len(images)) % 3 == 0) & (moving == "some")
+    sample = PolicySample(aug.ops, sample.selected & ~still.unsqueeze(1), sample.gates * ~still.unsqueeze(1),
+                          magnitudes, sample.positions)
+    labels = torch.randint(0, 10, (len(images), 32, 32), generator=torch.Generator().manual_seed(0))
+    soft = torch.rand(len(images), 2, 32, 32, generator=torch.Generator().manual_seed(1))
+    inputs = (images, sample.selected, sample.gates, sample.magnitudes, sample.positions)
+    _, linear, shift, moved, grid = aug._pixels(*inputs)
+    assert grid is not None and len(moved) == (len(images) if moving == "every" else len(images) - 3)
+    for masks in (labels, soft):
+        out = aug.apply(images, sample, masks=masks).masks
+        rebuilt, *_ = move_targets(linear, shift, moved, masks, None, None, (32, 32), aug.ignore_index)
+        assert torch.equal(out, rebuilt)
+        unmoved = torch.ones(len(images), dtype=torch.bool).index_fill(0, moved, False)
+        assert torch.equal(out[unmoved], masks[unmoved])
+
+
 def test_pixels_from_outside_get_ignore_index_and_boxes_that_leave_are_flagged() -> None:
     x = _shapes()
     targets = _targets()
