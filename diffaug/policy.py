@@ -42,6 +42,8 @@ _FORMAT_1_SETTINGS = ("ops", "n_ops", "temperature", "selection", "magnitude_sam
 # millionth of its residual and of its gradient (d sigmoid(z / tau) / dz = s (1 - s) / tau < 2e-5 there). Skipping
 # those pairs saves about a third of the work at p = m = 0.5 in train mode, and half in eval mode (hard samples).
 _NEGLIGIBLE = 1e-6
+# Graphs the compiled path may hold per method, over every augmenter of the process (see _compiled_path).
+_RECOMPILE_LIMIT = 64
 
 
 def relaxed_bernoulli(logits: Tensor, temperature: float, generator: torch.Generator | None = None) -> Tensor:
@@ -191,27 +193,48 @@ class _Policy(nn.Module):
             raise DiffAugError(f"compile must be True, False or a torch.compile mode {list(COMPILE_MODES)}; got {compile!r}")
         self.compile_mode = None if compile is False else ("default" if compile is True else compile)
         self._static = self.compile_mode is not None
-        self._compiled_pixels: Any = None
+        self._compiled: dict[str, Any] = {}
 
-    def _pixel_path(self) -> Any:
-        """``_pixels``, compiled on first use when ``compile`` is set (per instance: a copy compiles its own)."""
+    def _compiled_path(self, name: str, mode: str) -> Any:
+        """The method ``name``, compiled in ``mode`` on first use when ``compile`` is set, else as it is (per
+        instance: a copy compiles its own)."""
         if self.compile_mode is None:
-            return self._pixels
-        if self._compiled_pixels is None:
-            compiled = torch.compile(self._pixels, mode=self.compile_mode, fullgraph=True)
+            return getattr(self, name)
+        if name not in self._compiled:
+            compiled = torch.compile(getattr(self, name), mode=mode, fullgraph=True)
 
             def quietly(*args: Tensor) -> Any:
                 # Tracing raises torch's internal warnings (a .grad it reads, an autograd Function): not the user's.
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    return compiled(*args)
+                # Every augmenter of a process shares the method's code, and each setting that changes the graph
+                # (ops, mode, grad mode, selection, sampling, a batch of one) adds one: dynamo's default limit of 8
+                # per code, a hard error with fullgraph, would fail a user's ninth setting. Storms are tested apart.
+                # Raised for these calls only, by hand: config.patch costs 25 us a call, this 4.
+                config = torch._dynamo.config
+                limit = config.recompile_limit
+                config.recompile_limit = max(limit, _RECOMPILE_LIMIT)
+                try:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        return compiled(*args)
+                finally:
+                    config.recompile_limit = limit
 
-            self._compiled_pixels = quietly
-        return self._compiled_pixels
+            self._compiled[name] = quietly
+        return self._compiled[name]
+
+    def _pixel_path(self) -> Any:
+        """``_pixels``, compiled when ``compile`` is set."""
+        return self._compiled_path("_pixels", self.compile_mode or "default")
+
+    def _sample_path(self) -> Any:
+        """``_draw_sample``, compiled when ``compile`` is set; never into CUDA graphs, which hand every call's outputs
+        the same memory: a PolicySample is kept across calls (drawn once, replayed on teacher and student)."""
+        mode = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
+        return self._compiled_path("_draw_sample", mode.get(self.compile_mode or "default", "default"))
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
-        return {**state, "_compiled_pixels": None}  # compiled for this instance: deepcopy and pickle recompile
+        return {**state, "_compiled": {}}  # compiled for this instance: deepcopy and pickle recompile
 
     @property
     def relaxed(self) -> bool:
@@ -226,10 +249,19 @@ class _Policy(nn.Module):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise DiffAugError(f"batch_size must be a positive int; got {batch_size!r}")
         generator = generator if generator is not None else self.generator
-        device = self.probability_logits.device
         k, n_magnitudes = len(self.ops), len(self.magnitude_ops)
-        # All the noise of a batch in one draw: op selection keys, gate noise, magnitude noise and signs, positions.
-        noise = _uniform((batch_size, 2 * k + 2 * n_magnitudes + 2), generator, device)
+        # All the noise of a batch in one draw, always eager: the generator gives the same stream, compiled or not.
+        noise = _uniform((batch_size, 2 * k + 2 * n_magnitudes + 2), generator, self.probability_logits.device)
+        if self._static and batch_size > 1:
+            torch._dynamo.maybe_mark_dynamic(noise, 0)  # one graph for every batch size
+        return PolicySample(self.ops, *self._sample_path()(noise))
+
+    def _draw_sample(self, noise: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``sample``'s arithmetic on a batch's uniform noise: which ops each image gets, their gates, signed
+        magnitudes and Cutout positions. What ``compile=True`` compiles (with ``_pixels``)."""
+        batch_size, k, n_magnitudes = noise.shape[0], len(self.ops), len(self.magnitude_ops)
+        device = noise.device
+        # Op selection keys, gate noise, magnitude noise and signs, positions.
         keys, gate_noise, magnitude_noise, sign_noise, positions = noise.split([k, k, n_magnitudes, n_magnitudes, 2], 1)
         if self.selection == "batch":
             keys = keys[:1]
@@ -246,7 +278,7 @@ class _Policy(nn.Module):
                 drawn = self._draw(self.magnitude_logits, magnitude_noise)
             drawn = torch.where(self._signed & (sign_noise < 0.5), -drawn, drawn)
             magnitudes = magnitudes.index_copy(1, self._magnitude_columns, drawn)
-        return PolicySample(self.ops, selected, gates * selected, magnitudes, positions.contiguous())
+        return selected, gates * selected, magnitudes, positions.contiguous()
 
     def _draw(self, logits: Tensor, noise: Tensor) -> Tensor:
         """Relaxed (train) or hard (eval) Bernoulli samples of ``logits`` from uniform ``noise`` of the batch's shape."""
@@ -647,9 +679,10 @@ class PolicyAugmenter(_Policy):
         seed: seeds the augmenter's own generator, so every draw is reproducible.
         compile: False (eager: only the (image, op) pairs drawn are computed, after one host sync), or True / a
             ``torch.compile`` mode ("default", "reduce-overhead", "max-autotune"): every pair is computed with
-            static shapes, undrawn ones gated to zero, and torch.compile fuses the pixel path (one graph per mode
-            and image size, any batch size; the first call compiles). Equal to the eager path on the same sample
-            within 1e-5 (1e-4 next to Solarize's threshold). It trades pixels for kernel launches: on a CPU it is
+            static shapes, undrawn ones gated to zero, and torch.compile fuses the pixel path and the arithmetic of
+            ``sample`` (its noise is drawn eagerly, so a seed gives the same draw; one graph each per mode and image
+            size, any batch size; the first call compiles). Equal to the eager path on the same sample within 1e-5
+            (1e-4 next to Solarize's threshold). It trades pixels for kernel launches: on a CPU it is
             slower than eager (see the README); it is meant for GPUs, where each launch costs microseconds.
 
     In ``train()`` mode gates and magnitudes are relaxed-Bernoulli samples that carry gradients to the logits;
