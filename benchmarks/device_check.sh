@@ -8,7 +8,8 @@
 # Parts: the CUDA-marked tests; a Distiller epoch of the zoo's resnet56 -> resnet20 on CIFAR-shaped random data in
 # fp32, bf16 and fp16 with step times; fit-priors on CUDA for two ops with few steps; bench_speed on CUDA in bf16
 # (128x3x32x32 and 256x3x224x224: ours eval and train against kornia's RandAugment forward, dispatched ops per
-# call; compile=True compiles 4 graphs first). The time limits add up to 470 s.
+# call; compile=True compiles its graphs first: pixels and sample, train and eval, per image size). The time
+# limits add up to 470 s.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-device_report}"
