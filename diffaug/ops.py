@@ -105,6 +105,22 @@ def sampling_grid(x: Tensor, linear: Tensor, shift: Tensor) -> Tensor:
     return (theta @ _grid_basis(height, width, x.dtype, x.device)).view(-1, height, width, 2)
 
 
+def warp_rows(x: Tensor, linear: Tensor, shift: Tensor, rows: Tensor, mode: Literal["bilinear", "nearest"] = "bilinear",
+              grid: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """``warp`` of the images ``rows`` of ``x`` (sorted, unique), the others as they are, and the grid they were
+    sampled at (None if no row). ``linear`` and ``shift`` are the whole batch's; ``grid``, the same rows' grid from
+    an earlier call (their images before their masks), is reused where it is in ``x``'s dtype."""
+    if rows.numel() == 0:
+        return x, None
+    every = rows.numel() == x.shape[0]  # rows are sorted: then they are every image, with no gather or scatter
+    part = x if every else x.index_select(0, rows)
+    if grid is None or grid.dtype != x.dtype:
+        grid = sampling_grid(part, linear if every else linear.index_select(0, rows),
+                             shift if every else shift.index_select(0, rows))
+    warped = resample(part, grid, mode)
+    return (warped if every else x.index_copy(0, rows, warped)), grid
+
+
 def resample(x: Tensor, grid: Tensor, mode: Literal["bilinear", "nearest"] = "bilinear") -> Tensor:
     """``x`` sampled at ``grid`` (from ``sampling_grid``), black outside the image: the second half of ``warp``."""
     if torch.is_autocast_enabled(x.device.type):  # in the images' dtype, as without autocast

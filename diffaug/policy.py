@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from .encoders import AffineEncoder, MagnitudeNetStack, MetaEncoder
 from .errors import DiffAugError, check_images, check_names
-from .ops import get_op, op_names, resample, sampling_grid, warp
+from .ops import get_op, op_names, warp, warp_rows
 from .targets import Augmented, check_targets, move_targets
 
 __all__ = ["GEOMETRIES", "MAGNITUDE_SAMPLINGS", "PolicyAugmenter", "PolicySample", "ReferencePolicy", "relaxed_bernoulli"]
@@ -44,6 +44,8 @@ _FORMAT_1_SETTINGS = ("ops", "n_ops", "temperature", "selection", "magnitude_sam
 _NEGLIGIBLE = 1e-6
 # Graphs the compiled path may hold per method, over every augmenter of the process (see _compiled_path).
 _RECOMPILE_LIMIT = 64
+# The same torch.compile modes less their CUDA graphs, whose outputs share memory from call to call.
+_WITHOUT_CUDA_GRAPHS = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
 
 
 def relaxed_bernoulli(logits: Tensor, temperature: float, generator: torch.Generator | None = None) -> Tensor:
@@ -195,12 +197,13 @@ class _Policy(nn.Module):
         self._static = self.compile_mode is not None
         self._compiled: dict[str, Any] = {}
 
-    def _compiled_path(self, name: str, mode: str) -> Any:
-        """The method ``name``, compiled in ``mode`` on first use when ``compile`` is set, else as it is (per
-        instance: a copy compiles its own)."""
+    def _compiled_path(self, name: str, cuda_graphs: bool = True) -> Any:
+        """The method ``name``, compiled in ``compile``'s mode on first use when that is set (without CUDA graphs
+        unless ``cuda_graphs``), else as it is (per instance: a copy compiles its own)."""
         if self.compile_mode is None:
             return getattr(self, name)
         if name not in self._compiled:
+            mode = self.compile_mode if cuda_graphs else _WITHOUT_CUDA_GRAPHS.get(self.compile_mode, self.compile_mode)
             compiled = torch.compile(getattr(self, name), mode=mode, fullgraph=True)
 
             def quietly(*args: Tensor) -> Any:
@@ -224,13 +227,12 @@ class _Policy(nn.Module):
 
     def _pixel_path(self) -> Any:
         """``_pixels``, compiled when ``compile`` is set."""
-        return self._compiled_path("_pixels", self.compile_mode or "default")
+        return self._compiled_path("_pixels")
 
     def _sample_path(self) -> Any:
         """``_draw_sample``, compiled when ``compile`` is set; never into CUDA graphs, which hand every call's outputs
         the same memory: a PolicySample is kept across calls (drawn once, replayed on teacher and student)."""
-        mode = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
-        return self._compiled_path("_draw_sample", mode.get(self.compile_mode or "default", "default"))
+        return self._compiled_path("_draw_sample", cuda_graphs=False)
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
@@ -421,13 +423,8 @@ class _Policy(nn.Module):
             linear, shift, moved = self._compose(images, affine)
             if self._static:
                 base = warp(images, linear, shift) if affine is not None else images
-            elif moved.numel() == images.shape[0]:  # every image moves (moved is sorted): no gather, no scatter
-                grid = sampling_grid(images, linear, shift)
-                base = resample(images, grid)
-            elif moved.numel():
-                part = images.index_select(0, moved)
-                grid = sampling_grid(part, linear.index_select(0, moved), shift.index_select(0, moved))
-                base = images.index_copy(0, moved, resample(part, grid))
+            else:
+                base, grid = warp_rows(images, linear, shift, moved)
         out = base.clone()  # accumulates base + sum of gated residuals in place: no full-batch temporaries
         # After a warp the other ops' residuals are differentiated as Eq. 5 differentiates every op, on an input
         # that does not move: the geometry's gradient takes the direct path (base), not the path through each

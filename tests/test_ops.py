@@ -11,7 +11,7 @@ from PIL import Image, ImageEnhance, ImageOps
 
 import diffaug
 from diffaug import DiffAugError, apply_op
-from diffaug.ops import MAGNITUDE_OPS, OPS, OPS_TABLE, cutout, get_op, warp
+from diffaug.ops import MAGNITUDE_OPS, OPS, OPS_TABLE, cutout, get_op, sampling_grid, warp, warp_rows
 
 from .conftest import photo, to_tensor
 
@@ -115,6 +115,30 @@ def test_warp_samples_the_documented_map_of_pixel_centres(size: tuple[int, int])
     assert linear32.grad is not None and bool(torch.isfinite(linear32.grad).all())
     # float32 coordinates: ~1e-7 of the half-size, ~2e-6 of a pixel at 40 px.
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("rows", [[], [1, 3], [0, 1, 2, 3]])
+def test_warp_rows_warps_those_rows_as_warp_does_and_leaves_the_others(rows: list[int]) -> None:
+    """warp_rows skips the gather and scatter when the rows are every image and reuses a grid in the images' dtype:
+    either way the rows equal warp's and the other images are returned bit for bit."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(4, 2, 9, 11, generator=g)
+    linear = torch.eye(2) + 0.3 * torch.randn(4, 2, 2, generator=g)
+    shift = 0.2 * torch.randn(4, 2, generator=g)
+    index = torch.tensor(rows, dtype=torch.long)
+    expected = x.clone()
+    expected[index] = warp(x, linear, shift)[index]
+    out, grid = warp_rows(x, linear, shift, index, "nearest" if len(rows) == 2 else "bilinear")
+    if len(rows) == 2:  # nearest: the same samples as warp's nearest
+        expected[index] = warp(x, linear, shift, "nearest")[index]
+    assert torch.equal(out, expected)
+    assert grid is None if not rows else grid.shape == (len(rows), 9, 11, 2)
+    if rows:
+        again, reused = warp_rows(x, linear, shift, index, "nearest" if len(rows) == 2 else "bilinear", grid)
+        assert reused is grid and torch.equal(again, out)
+        _, rebuilt = warp_rows(x.double(), linear, shift, index, grid=grid)  # another dtype: its own grid
+        assert rebuilt.dtype == torch.float64
+        torch.testing.assert_close(rebuilt.float(), sampling_grid(x[index], linear[index], shift[index]))
 
 
 @pytest.mark.parametrize("name", MAGNITUDE_OPS)
