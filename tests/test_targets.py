@@ -211,6 +211,20 @@ def test_pixels_from_outside_get_ignore_index_and_boxes_that_leave_are_flagged()
     torch.testing.assert_close(out.boxes[0], torch.tensor([[0.0, 0.0, 0.0, 6.0], [0.0, 9.0, 23 - shift, 21.0]]))
 
 
+def test_pixels_labelled_ignore_index_move_as_any_label() -> None:
+    """Labels are warped shifted by ignore_index (the padding is its zero): a pixel already labelled ignore_index
+    must move as a label that is not, and a label far from it (1000) must come back exactly."""
+    x = _shapes()
+    labels = _targets()["masks"] * 1000
+    labels[:, 5:9, 20:26] = 255
+    stand_in = torch.where(labels == 255, 9, labels)  # 9 is not in labels
+    policy = ReferencePolicy(geometry="composed")
+    sample = _sample(policy, {"Rotate": 0.4, "ShearY": -0.3})
+    out, reference = policy.apply(x, sample, masks=labels).masks, policy.apply(x, sample, masks=stand_in).masks
+    assert bool((reference == 9).any()) and bool((out == 1000).any())
+    assert torch.equal(out, torch.where(reference == 9, 255, reference))
+
+
 def test_composed_gradients_reach_every_logit_and_soft_masks_carry_them(images: torch.Tensor) -> None:
     batch = images.repeat(4, 1, 1, 1)
     head = torch.nn.Linear(3 * 32 * 32, 10)  # a realistic loss: cross-entropy of a classifier on x_hat
