@@ -225,9 +225,9 @@ class _Policy(nn.Module):
             self._compiled[name] = quietly
         return self._compiled[name]
 
-    def _pixel_path(self) -> Any:
-        """``_pixels``, compiled when ``compile`` is set."""
-        return self._compiled_path("_pixels")
+    def _pixel_path(self, name: str = "_pixels") -> Any:
+        """``_pixels`` (or ``_draw_and_pixels``), compiled when ``compile`` is set."""
+        return self._compiled_path(name)
 
     def _sample_path(self) -> Any:
         """``_draw_sample``, compiled when ``compile`` is set; never into CUDA graphs, which hand every call's outputs
@@ -250,13 +250,17 @@ class _Policy(nn.Module):
         """Draw which ops each image gets, their gates and signed magnitudes (relaxed if ``self.relaxed``)."""
         if not isinstance(batch_size, int) or batch_size < 1:
             raise DiffAugError(f"batch_size must be a positive int; got {batch_size!r}")
+        return PolicySample(self.ops, *self._sample_path()(self._noise(batch_size, generator)))
+
+    def _noise(self, batch_size: int, generator: torch.Generator | None) -> Tensor:
+        """All the uniform noise of a batch's sample in one draw, always eager: the generator gives the same stream,
+        compiled or not."""
         generator = generator if generator is not None else self.generator
         k, n_magnitudes = len(self.ops), len(self.magnitude_ops)
-        # All the noise of a batch in one draw, always eager: the generator gives the same stream, compiled or not.
         noise = _uniform((batch_size, 2 * k + 2 * n_magnitudes + 2), generator, self.probability_logits.device)
         if self._static and batch_size > 1:
             torch._dynamo.maybe_mark_dynamic(noise, 0)  # one graph for every batch size
-        return PolicySample(self.ops, *self._sample_path()(noise))
+        return noise
 
     def _draw_sample(self, noise: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``sample``'s arithmetic on a batch's uniform noise: which ops each image gets, their gates, signed
@@ -282,6 +286,11 @@ class _Policy(nn.Module):
             magnitudes = magnitudes.index_copy(1, self._magnitude_columns, drawn)
         return selected, gates * selected, magnitudes, positions.contiguous()
 
+    def _draw_and_pixels(self, images: Tensor, noise: Tensor
+                         ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+        """``_pixels`` on the sample ``_draw_sample`` makes of ``noise``: the compiled forward, one graph."""
+        return self._pixels(images, *self._draw_sample(noise))
+
     def _draw(self, logits: Tensor, noise: Tensor) -> Tensor:
         """Relaxed (train) or hard (eval) Bernoulli samples of ``logits`` from uniform ``noise`` of the batch's shape."""
         if self.relaxed:
@@ -302,8 +311,10 @@ class _Policy(nn.Module):
     ) -> Tensor | Augmented:
         """Augment ``x`` with a fresh sample of the policy; targets given move with it (see ``apply``)."""
         check_images(x, self._input_name, self._input_range)
-        sample = self.sample(1 if x.dim() == 3 else x.shape[0], generator)
-        return self._augment(x, sample, masks, boxes, keypoints)
+        batch_size = 1 if x.dim() == 3 else x.shape[0]
+        if self._static:  # one compiled call draws the sample and applies it: one graph's overhead, not two
+            return self._augment(x, self._noise(batch_size, generator), masks, boxes, keypoints)
+        return self._augment(x, self.sample(batch_size, generator), masks, boxes, keypoints)
 
     def apply(  # type: ignore[override]
         self,
@@ -337,7 +348,7 @@ class _Policy(nn.Module):
     def _augment(
         self,
         x: Tensor,
-        sample: PolicySample,
+        sample: PolicySample | Tensor,
         masks: Tensor | None = None,
         boxes: Sequence[Tensor] | None = None,
         keypoints: Sequence[Tensor] | None = None,
@@ -353,18 +364,22 @@ class _Policy(nn.Module):
             check_targets(x, masks, boxes, keypoints)
         unbatched = x.dim() == 3
         images = x.unsqueeze(0) if unbatched else x
-        if sample.ops != self.ops or len(sample) != images.shape[0]:
+        if isinstance(sample, PolicySample) and (sample.ops != self.ops or len(sample) != images.shape[0]):
             raise DiffAugError(
                 f"sample must come from this augmenter's sample({images.shape[0]}) (ops {list(self.ops)}); "
                 f"got a sample of {len(sample)} images over ops {list(sample.ops)}"
             )
-        sample = sample.to(images.device)
         images = self._unnormalise(images)
-        inputs = (images, sample.selected, sample.gates, sample.magnitudes, sample.positions)
+        if isinstance(sample, PolicySample):
+            sample = sample.to(images.device)
+            inputs: tuple[Tensor, ...] = (images, sample.selected, sample.gates, sample.magnitudes, sample.positions)
+            path = self._pixel_path()
+        else:  # compiled forward: the sample's noise, drawn and applied in one graph
+            inputs, path = (images, sample.to(images.device)), self._pixel_path("_draw_and_pixels")
         if self._static and images.shape[0] > 1:
             for tensor in inputs:  # one graph for every batch size (an epoch's last batch too)
                 torch._dynamo.maybe_mark_dynamic(tensor, 0)
-        out, linear, shift, moved, grid = self._pixel_path()(*inputs)
+        out, linear, shift, moved, grid = path(*inputs)
         out = self._normalise(out)
         out = out.squeeze(0) if unbatched else out
         if not with_targets:
@@ -677,8 +692,8 @@ class PolicyAugmenter(_Policy):
         compile: False (eager: only the (image, op) pairs drawn are computed, after one host sync), or True / a
             ``torch.compile`` mode ("default", "reduce-overhead", "max-autotune"): every pair is computed with
             static shapes, undrawn ones gated to zero, and torch.compile fuses the pixel path and the arithmetic of
-            ``sample`` (its noise is drawn eagerly, so a seed gives the same draw; one graph each per mode and image
-            size, any batch size; the first call compiles). Equal to the eager path on the same sample within 1e-5
+            ``sample`` (its noise is drawn eagerly, so a seed gives the same draw), ``forward`` both in one graph
+            (one graph each per mode and image size, any batch size; the first call compiles). Equal to the eager path on the same sample within 1e-5
             (1e-4 next to Solarize's threshold). It trades pixels for kernel launches: on a CPU it is
             slower than eager (see the README); it is meant for GPUs, where each launch costs microseconds. With
             "reduce-overhead" the output lives in CUDA-graph memory that the next call overwrites (torch raises if
@@ -738,10 +753,10 @@ class PolicyAugmenter(_Policy):
 
     _setting_names = (*_Policy._setting_names, "forward")
 
-    def _pixel_path(self) -> Any:
+    def _pixel_path(self, name: str = "_pixels") -> Any:
         if self._static:  # in eager: the compiled path reads the packed table as it is (the eager one checks it)
             self._magnitude_nets.refresh()
-        return super()._pixel_path()
+        return super()._pixel_path(name)
 
     def _needs_encoders(self, magnitude: Tensor) -> bool:
         return self.forward_mode == "encoder" or (torch.is_grad_enabled() and magnitude.requires_grad)

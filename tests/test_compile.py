@@ -82,6 +82,35 @@ def test_compiled_sample_equals_the_eager_one(kwargs: dict) -> None:
 
 
 @pytest.mark.slow
+def test_compiled_forward_draws_and_applies_in_one_graph_as_eager_does(images: torch.Tensor) -> None:
+    """forward() with compile set draws the sample and applies it in one compiled call: the same generator gives
+    eager forward's images within 1e-5, its logit gradients within 1e-4 relative, and its masks and boxes."""
+    eager, fast = _pair(ops=SMOOTH_OPS, geometry="composed", probability=0.7)
+    x = torch.cat([images, images.flip(3)])
+    masks = (x[:, 0] > 0.5).long()
+    boxes = [torch.tensor([[4.0, 6.0, 20.0, 28.0]])] * len(x)
+    for training in (True, False):
+        for seed in range(2):
+            results = []
+            for module in (eager, fast):
+                module.train(training).zero_grad(set_to_none=True)
+                with torch.set_grad_enabled(training):
+                    out = module(x, torch.Generator().manual_seed(seed), masks=masks, boxes=boxes)
+                if training:
+                    (out.images * torch.linspace(0, 1, out.images.numel()).view_as(out.images)).sum().backward()
+                results.append((out, [p.grad.clone() for p in module.parameters()] if training else []))
+            (e, grads_e), (f, grads_f) = results
+            assert (e.images - f.images).abs().max() <= 1e-5
+            # Labels sampled on grids a few ulps apart can differ where a pixel centre falls on a sampling edge.
+            assert (e.masks != f.masks).float().mean() <= 1e-3
+            for box_e, box_f in zip(e.boxes, f.boxes, strict=True):
+                torch.testing.assert_close(box_f, box_e, atol=1e-4, rtol=0)
+            for g_e, g_f in zip(grads_e, grads_f, strict=True):
+                assert (g_e - g_f).norm() <= 1e-4 * g_e.norm() + 1e-9
+    assert "_draw_and_pixels" in fast._compiled and "_pixels" not in fast._compiled  # one graph, not two
+
+
+@pytest.mark.slow
 def test_more_settings_than_dynamos_default_limit_of_eight() -> None:
     """Every augmenter of a process shares the compiled methods' code, and each setting is a graph of its own: a
     ninth must not hit dynamo's recompile limit (a hard error with fullgraph). Nine values of n_ops, nine graphs."""
