@@ -693,11 +693,12 @@ class PolicyAugmenter(_Policy):
             ``torch.compile`` mode ("default", "reduce-overhead", "max-autotune"): every pair is computed with
             static shapes, undrawn ones gated to zero, and torch.compile fuses the pixel path and the arithmetic of
             ``sample`` (its noise is drawn eagerly, so a seed gives the same draw), ``forward`` both in one graph
-            (one graph each per mode and image size, any batch size; the first call compiles). Equal to the eager path on the same sample within 1e-5
-            (1e-4 next to Solarize's threshold). It trades pixels for kernel launches: on a CPU it is
-            slower than eager (see the README); it is meant for GPUs, where each launch costs microseconds. With
-            "reduce-overhead" the output lives in CUDA-graph memory that the next call overwrites (torch raises if
-            it is read after that): ``.clone()`` what you keep across calls, such as two views of one batch.
+            (one graph each per mode and image size, any batch size; the first call compiles). Equal to the eager
+            path on the same sample within 1e-5 (1e-4 next to Solarize's threshold). It trades pixels for kernel
+            launches: on a CPU it is slower than eager at 32 px and above (see the README); it is meant for GPUs,
+            where each launch costs microseconds. With "reduce-overhead" the output lives in CUDA-graph memory that
+            the next call overwrites (torch raises if it is read after that): ``.clone()`` what you keep across
+            calls, such as two views of one batch.
 
     In ``train()`` mode gates and magnitudes are relaxed-Bernoulli samples that carry gradients to the logits;
     in ``eval()`` mode they are hard samples of the same distribution.
