@@ -16,6 +16,9 @@ cat([x_hat, x]) with the 14 ops at the initial policy, geometry="composed", targ
 "tst" (Stage II searching the policy with the task's terms). Every arm of a seed shares its teacher, splits,
 data order and initial student.
 
+--search-lr and --search-passes set the tst arm's Stage II (SGD rate, passes per search block); a tst run's config
+holds them only where they differ from the defaults (0.01, one pass).
+
 Results go to --results (JSON, rewritten atomically after each run); rerunning the command resumes.
 """
 
@@ -51,6 +54,7 @@ LR = {"segmentation": 3e-3, "localisation": 1e-3}
 EPOCHS, TEACHER_EPOCHS, SCENES = 30, 40, (1000, 300, 600)
 RESULTS = Path(__file__).with_name("results") / "dense.json"
 PAIRS = (("tst", "kd"), ("tst", "fixed"), ("fixed", "kd"))
+SEARCH_LR = Distiller.__init__.__kwdefaults__["search_lr"]
 
 
 def make_task(task: str, teacher: torch.nn.Module, student: torch.nn.Module) -> Task:
@@ -118,8 +122,9 @@ def run(config: dict[str, Any], cache: Path) -> dict[str, Any]:
     augmenter = torch.nn.Identity() if arm == "kd" else PolicyAugmenter(geometry="composed")
     # Adam for the students too (the Distiller's milestones scale its rate): with SGD at lr 0.1 a width-8 segmenter
     # still predicted background alone after 20 epochs of KD.
+    search = {"search_lr": config.get("search_lr", SEARCH_LR), "search_steps": config.get("search_passes", 1) * len(loader)}
     distiller = Distiller(teacher, student, augmenter, task=objective, optimiser=lambda p: torch.optim.Adam(p, lr=LR[task]),
-                          seed=seed, progress=False, search_epochs=None if arm == "tst" else [], search_steps=len(loader))
+                          seed=seed, progress=False, search_epochs=None if arm == "tst" else [], **search)
     name = f"val_{objective.metric_name}"
     history = distiller.fit(loader, config["epochs"], DataLoader(splits.validation, batch_size=300))
     record: dict[str, Any] = {"validation_curve": [e[name] for e in history["epochs"]]}
@@ -181,10 +186,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="what the tables show (default %(default)s; choose settings on validation)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="JSON file of runs (default %(default)s)")
     parser.add_argument("--cache-dir", type=Path, default=Path("runs/teachers"), help="teacher cache (default %(default)s)")
+    parser.add_argument("--search-lr", type=float, default=SEARCH_LR,
+                        help="Stage II SGD rate of the tst arm (default: the Distiller's, %(default)s)")
+    parser.add_argument("--search-passes", type=int, default=1,
+                        help="Stage II passes over the data per search block, tst arm (default %(default)s)")
     parser.add_argument("--jobs", type=int, default=2, help="parallel processes, one thread each (default %(default)s)")
     args = parser.parse_args(argv)
+    # Search settings enter a tst run's config only where they differ from the defaults, so that the runs stored
+    # before these options existed keep their identity (and resume).
+    search = {k: v for k, v, default in (("search_lr", args.search_lr, SEARCH_LR),
+                                         ("search_passes", args.search_passes, 1)) if v != default}
     configs = [{"task": t, "arm": a, "seed": s, "epochs": args.epochs, "teacher_epochs": args.teacher_epochs,
-                "scenes": args.scenes} for t, s, a in itertools.product(args.tasks, args.seeds, args.arms)]
+                "scenes": args.scenes, **(search if a == "tst" else {})}
+               for t, s, a in itertools.product(args.tasks, args.seeds, args.arms)]
     stored = json.loads(args.results.read_text()) if args.results.is_file() else {"runs": [], "teachers": []}
     done = {json.dumps(r["config"], sort_keys=True) for r in stored["runs"]}
     pending = [c for c in configs if json.dumps(c, sort_keys=True) not in done]

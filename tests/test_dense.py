@@ -221,3 +221,12 @@ def test_bench_dense_smoke_run(tmp_path: Path) -> None:
     from bench_dense import report
 
     assert "| tst − kd | 1 |" in report(runs, "test")
+    # Search settings other than the defaults make runs of their own; the stored runs keep their identity.
+    _run(str(ROOT / "benchmarks" / "bench_dense.py"), "--seeds", "0", "--epochs", "1", "--teacher-epochs", "1",
+         "--scenes", "40", "10", "20", "--results", str(results), "--cache-dir", str(tmp_path), "--jobs", "1",
+         "--tasks", "localisation", "--search-lr", "0.1", "--search-passes", "2", timeout=600)
+    after = json.loads(results.read_text())["runs"]
+    assert len(after) == len(runs) + 1
+    assert [r["config"] for r in after if "search_lr" in r["config"]] == [
+        {"task": "localisation", "arm": "tst", "seed": 0, "epochs": 1, "teacher_epochs": 1, "scenes": [40, 10, 20],
+         "search_lr": 0.1, "search_passes": 2}]
