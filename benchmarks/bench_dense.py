@@ -122,7 +122,8 @@ def run(config: dict[str, Any], cache: Path) -> dict[str, Any]:
     augmenter = torch.nn.Identity() if arm == "kd" else PolicyAugmenter(geometry="composed")
     # Adam for the students too (the Distiller's milestones scale its rate): with SGD at lr 0.1 a width-8 segmenter
     # still predicted background alone after 20 epochs of KD.
-    search = {"search_lr": config.get("search_lr", SEARCH_LR), "search_steps": config.get("search_passes", 1) * len(loader)}
+    search = {"search_lr": config.get("search_lr", SEARCH_LR),
+              "search_steps": config.get("search_passes", 1) * len(loader)}
     distiller = Distiller(teacher, student, augmenter, task=objective, optimiser=lambda p: torch.optim.Adam(p, lr=LR[task]),
                           seed=seed, progress=False, search_epochs=None if arm == "tst" else [], **search)
     name = f"val_{objective.metric_name}"
