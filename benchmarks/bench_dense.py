@@ -54,7 +54,7 @@ LR = {"segmentation": 3e-3, "localisation": 1e-3}
 EPOCHS, TEACHER_EPOCHS, SCENES = 30, 40, (1000, 300, 600)
 RESULTS = Path(__file__).with_name("results") / "dense.json"
 PAIRS = (("tst", "kd"), ("tst", "fixed"), ("fixed", "kd"))
-SEARCH_LR = Distiller.__init__.__kwdefaults__["search_lr"]
+SEARCH_LR, SEARCH_PASSES = Distiller.__init__.__kwdefaults__["search_lr"], 1  # the tst arm's Stage II defaults
 
 
 def make_task(task: str, teacher: torch.nn.Module, student: torch.nn.Module) -> Task:
@@ -123,7 +123,7 @@ def run(config: dict[str, Any], cache: Path) -> dict[str, Any]:
     # Adam for the students too (the Distiller's milestones scale its rate): with SGD at lr 0.1 a width-8 segmenter
     # still predicted background alone after 20 epochs of KD.
     search = {"search_lr": config.get("search_lr", SEARCH_LR),
-              "search_steps": config.get("search_passes", 1) * len(loader)}
+              "search_steps": config.get("search_passes", SEARCH_PASSES) * len(loader)}
     distiller = Distiller(teacher, student, augmenter, task=objective, optimiser=lambda p: torch.optim.Adam(p, lr=LR[task]),
                           seed=seed, progress=False, search_epochs=None if arm == "tst" else [], **search)
     name = f"val_{objective.metric_name}"
@@ -189,14 +189,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", type=Path, default=Path("runs/teachers"), help="teacher cache (default %(default)s)")
     parser.add_argument("--search-lr", type=float, default=SEARCH_LR,
                         help="Stage II SGD rate of the tst arm (default: the Distiller's, %(default)s)")
-    parser.add_argument("--search-passes", type=int, default=1,
+    parser.add_argument("--search-passes", type=int, default=SEARCH_PASSES,
                         help="Stage II passes over the data per search block, tst arm (default %(default)s)")
     parser.add_argument("--jobs", type=int, default=2, help="parallel processes, one thread each (default %(default)s)")
     args = parser.parse_args(argv)
     # Search settings enter a tst run's config only where they differ from the defaults, so that the runs stored
     # before these options existed keep their identity (and resume).
     search = {k: v for k, v, default in (("search_lr", args.search_lr, SEARCH_LR),
-                                         ("search_passes", args.search_passes, 1)) if v != default}
+                                         ("search_passes", args.search_passes, SEARCH_PASSES)) if v != default}
     configs = [{"task": t, "arm": a, "seed": s, "epochs": args.epochs, "teacher_epochs": args.teacher_epochs,
                 "scenes": args.scenes, **(search if a == "tst" else {})}
                for t, s, a in itertools.product(args.tasks, args.seeds, args.arms)]
