@@ -15,9 +15,10 @@ Measured per batch (median of repeats, after warm-up), at equal batch size and n
 * ``geometry="composed"`` (one warp per image, what masks and boxes need) against the residual geometry, train
   step to train step (target <= 1.2x), and the same step moving label masks and two boxes an image (target
   <= 1.1x the composed step without them);
-* ``compile=True`` (every pair computed with static shapes, fused by torch.compile) in eval and train mode, its
-  first call (the compilation) as the cold time: targets a train step <= 1x kornia's forward and an eval forward
-  >= 2x faster than kornia's;
+* ``compile=True`` in eval and train mode, its first call (the compilation) as the cold time: targets a train step
+  <= 1x kornia's forward and an eval forward >= 2x faster than kornia's. On a CPU it gathers the drawn pairs
+  (symbolic counts, one host sync); its static layout (every pair, static shapes, what a GPU runs) is measured
+  beside it ("static");
 * the memory-bandwidth floor, ``x.clone()``: the fraction of it reached, clone time / our time;
 * dispatched aten ops per call (torch profiler, nested ones included): on a GPU each is a kernel launch of
   several microseconds whatever the batch, the floor of a step (DESIGN.md, section 7); the first (cold) call's
@@ -138,6 +139,13 @@ def bench(batch: int, size: int, repeats: int, device: str = "cpu",
     ours_eval.eval()
     compiled_eval, compiled_train = PolicyAugmenter(seed=0, compile=True).to(device).eval(), \
         PolicyAugmenter(seed=0, compile=True).to(device)
+    # On a CPU compile=True gathers the drawn pairs; the static layout (every pair: a GPU's) is measured beside it.
+    static = {}
+    if device == "cpu":
+        static_eval, static_train = copy.deepcopy(compiled_eval), copy.deepcopy(compiled_train)
+        static_eval._gather_on_cpu = static_train._gather_on_cpu = False
+        static = {"static eval fwd (no grad)": no_grad_forward(static_eval),
+                  "static train fwd+bwd": train_step(static_train)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         candidates = {
@@ -148,6 +156,7 @@ def bench(batch: int, size: int, repeats: int, device: str = "cpu",
             "ours train fwd+bwd": train_step(ours_train),
             "compiled eval fwd (no grad)": no_grad_forward(compiled_eval),
             "compiled train fwd+bwd": train_step(compiled_train),
+            **static,
             "paper form train fwd+bwd": train_step(paper),
             "composed train fwd+bwd": train_step(composed),
             "composed + masks, boxes": train_step(copy.deepcopy(composed), masks=masks, boxes=boxes),
@@ -191,6 +200,10 @@ def main() -> None:
         fast_fwd, fast_step = r["compiled eval fwd (no grad)"], r["compiled train fwd+bwd"]
         print(f"  compile=True: kornia fwd / eval fwd (target >= 2):          {kornia / fast_fwd:6.2f}")
         print(f"  compile=True: train fwd+bwd / kornia fwd (target <= 1):     {fast_step / kornia:6.2f}")
+        print(f"  compile=True / eager: eval fwd {fast_fwd / ours_fwd:.2f}, train fwd+bwd {fast_step / ours_step:.2f}")
+        if "static train fwd+bwd" in r:
+            print(f"  static layout: kornia fwd / eval fwd {kornia / r['static eval fwd (no grad)']:.2f}, "
+                  f"train fwd+bwd / kornia fwd {r['static train fwd+bwd'] / kornia:.2f}")
         if (batch, size) == (128, 32) and not on_gpu:
             lo, hi = AUTHORS_MS_128x32
             print(f"  authors' module {lo:.0f}-{hi:.0f} ms (measured earlier on this machine) / ours (target >= 4): "

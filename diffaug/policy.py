@@ -32,6 +32,7 @@ CompileMode = Literal["default", "reduce-overhead", "max-autotune"]
 COMPILE_MODES: tuple[str, ...] = ("default", "reduce-overhead", "max-autotune")
 MAGNITUDE_SAMPLINGS: tuple[str, ...] = ("relaxed", "mean", "uniform")
 Geometry = Literal["residual", "composed"]
+Layout = Literal["eager", "static", "gathered"]  # see _Policy._layout
 GEOMETRIES: tuple[str, ...] = ("residual", "composed")
 
 _EXPORT_FORMAT = 1
@@ -128,6 +129,9 @@ class _Policy(nn.Module):
 
     # Whether the logits are parameters (learned) or buffers (a fixed policy).
     _learnable = True
+    # Whether compile=True gathers the drawn pairs on a CPU (see _layout); tests turn it off to check the static
+    # layout, a GPU's, on the CPU.
+    _gather_on_cpu = True
     # The constructor arguments that settings() reports and from_dict() reads back.
     _setting_names: tuple[str, ...] = (*_FORMAT_1_SETTINGS, "geometry", "ignore_index")
 
@@ -194,17 +198,17 @@ class _Policy(nn.Module):
         if compile is not False and compile is not True and compile not in COMPILE_MODES:
             raise DiffAugError(f"compile must be True, False or a torch.compile mode {list(COMPILE_MODES)}; got {compile!r}")
         self.compile_mode = None if compile is False else ("default" if compile is True else compile)
-        self._static = self.compile_mode is not None
         self._compiled: dict[str, Any] = {}
 
-    def _compiled_path(self, name: str, cuda_graphs: bool = True) -> Any:
+    def _compiled_path(self, name: str, cuda_graphs: bool = True, dynamic: bool | None = None) -> Any:
         """The method ``name``, compiled in ``compile``'s mode on first use when that is set (without CUDA graphs
-        unless ``cuda_graphs``), else as it is (per instance: a copy compiles its own)."""
+        unless ``cuda_graphs``; ``dynamic`` as torch.compile takes it), else as it is (per instance: a copy compiles
+        its own)."""
         if self.compile_mode is None:
             return getattr(self, name)
         if name not in self._compiled:
             mode = self.compile_mode if cuda_graphs else _WITHOUT_CUDA_GRAPHS.get(self.compile_mode, self.compile_mode)
-            compiled = torch.compile(getattr(self, name), mode=mode, fullgraph=True)
+            compiled = torch.compile(getattr(self, name), mode=mode, fullgraph=True, dynamic=dynamic)
 
             def quietly(*args: Tensor) -> Any:
                 # Tracing raises torch's internal warnings (a .grad it reads, an autograd Function): not the user's.
@@ -225,9 +229,17 @@ class _Policy(nn.Module):
             self._compiled[name] = quietly
         return self._compiled[name]
 
-    def _pixel_path(self, name: str = "_pixels") -> Any:
-        """``_pixels`` (or ``_draw_and_pixels``), compiled when ``compile`` is set."""
-        return self._compiled_path(name)
+    def _pixel_path(self, name: str = "_pixels", dynamic: bool | None = None) -> Any:
+        """``_pixels`` (or ``_draw_and_pixels``, ``_gathered_pixels``), compiled when ``compile`` is set."""
+        return self._compiled_path(name, dynamic=dynamic)
+
+    def _layout(self, device: torch.device) -> Layout:
+        """How the pixel path lays out its (image, op) pairs on ``device``: "eager" (the drawn pairs, not compiled),
+        "static" (every pair, compiled: no host sync, CUDA graphs possible; a GPU's) or "gathered" (the drawn pairs,
+        compiled with symbolic counts after one host sync; a CPU's, where the sync costs nothing and pixels do)."""
+        if self.compile_mode is None:
+            return "eager"
+        return "gathered" if device.type == "cpu" and self._gather_on_cpu else "static"
 
     def _sample_path(self) -> Any:
         """``_draw_sample``, compiled when ``compile`` is set; never into CUDA graphs, which hand every call's outputs
@@ -258,7 +270,7 @@ class _Policy(nn.Module):
         generator = generator if generator is not None else self.generator
         k, n_magnitudes = len(self.ops), len(self.magnitude_ops)
         noise = _uniform((batch_size, 2 * k + 2 * n_magnitudes + 2), generator, self.probability_logits.device)
-        if self._static and batch_size > 1:
+        if self.compile_mode is not None and batch_size > 1:
             torch._dynamo.maybe_mark_dynamic(noise, 0)  # one graph for every batch size
         return noise
 
@@ -291,6 +303,19 @@ class _Policy(nn.Module):
         """``_pixels`` on the sample ``_draw_sample`` makes of ``noise``: the compiled forward, one graph."""
         return self._pixels(images, *self._draw_sample(noise))
 
+    def _draw_pairs(self, noise: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """``_draw_sample`` and its ``_pair_table``: the first graph of the gathered path's forward."""
+        drawn = self._draw_sample(noise)
+        return (*drawn, *self._pair_table(*drawn[:3]))
+
+    def _pair_table(self, selected: Tensor, gates: Tensor, magnitudes: Tensor) -> tuple[Tensor, Tensor]:
+        """(K, B + 2) which images each op changes (``_active``) and how many, at least two: an op with fewer gets
+        padding, images B and B + 1 (no image), so that a compiled graph never specialises on a count of 0 or 1."""
+        active = self._active(selected, gates, magnitudes).t()
+        padding = (2 - active.sum(1, keepdim=True)) > torch.arange(2, device=active.device)
+        table = torch.cat([active, padding], 1)
+        return table, table.sum(1)
+
     def _draw(self, logits: Tensor, noise: Tensor) -> Tensor:
         """Relaxed (train) or hard (eval) Bernoulli samples of ``logits`` from uniform ``noise`` of the batch's shape."""
         if self.relaxed:
@@ -312,7 +337,7 @@ class _Policy(nn.Module):
         """Augment ``x`` with a fresh sample of the policy; targets given move with it (see ``apply``)."""
         check_images(x, self._input_name, self._input_range)
         batch_size = 1 if x.dim() == 3 else x.shape[0]
-        if self._static:  # one compiled call draws the sample and applies it: one graph's overhead, not two
+        if self.compile_mode is not None:  # the sample drawn in a compiled graph (with the pixels where static)
             return self._augment(x, self._noise(batch_size, generator), masks, boxes, keypoints)
         return self._augment(x, self.sample(batch_size, generator), masks, boxes, keypoints)
 
@@ -370,16 +395,26 @@ class _Policy(nn.Module):
                 f"got a sample of {len(sample)} images over ops {list(sample.ops)}"
             )
         images = self._unnormalise(images)
-        if isinstance(sample, PolicySample):
-            sample = sample.to(images.device)
-            inputs: tuple[Tensor, ...] = (images, sample.selected, sample.gates, sample.magnitudes, sample.positions)
+        sample = sample.to(images.device)
+        layout = self._layout(images.device)
+        counts: tuple[Any, ...] = ()
+        if layout == "gathered":  # draw (compiled), find the drawn pairs (one host sync, eager), apply (compiled)
+            if isinstance(sample, PolicySample):
+                drawn = (sample.selected, sample.gates, sample.magnitudes, sample.positions)
+                table, per_op = self._pair_table(*drawn[:3])
+            else:
+                *drawn, table, per_op = self._compiled_path("_draw_pairs", cuda_graphs=False)(sample)
+            inputs: tuple[Tensor, ...] = (images, *drawn[1:], table.nonzero())
+            path, counts = self._pixel_path("_gathered_pixels", dynamic=True), (per_op.tolist(),)
+        elif isinstance(sample, PolicySample):
+            inputs = (images, sample.selected, sample.gates, sample.magnitudes, sample.positions)
             path = self._pixel_path()
         else:  # compiled forward: the sample's noise, drawn and applied in one graph
-            inputs, path = (images, sample.to(images.device)), self._pixel_path("_draw_and_pixels")
-        if self._static and images.shape[0] > 1:
+            inputs, path = (images, sample), self._pixel_path("_draw_and_pixels")
+        if layout != "eager" and images.shape[0] > 1:
             for tensor in inputs:  # one graph for every batch size (an epoch's last batch too)
                 torch._dynamo.maybe_mark_dynamic(tensor, 0)
-        out, linear, shift, moved, grid = path(*inputs)
+        out, linear, shift, moved, grid = path(*inputs, *counts)
         out = self._normalise(out)
         out = out.squeeze(0) if unbatched else out
         if not with_targets:
@@ -388,36 +423,63 @@ class _Policy(nn.Module):
                                      self.ignore_index, grid)
         return Augmented(out, *moved_targets)
 
-    def _pairs(self, active: Tensor) -> tuple[Tensor, Tensor, list[int]]:
+    def _pairs(self, active: Tensor, layout: Layout) -> tuple[Tensor, Tensor, list[int]]:
         """The (op, image) pairs to compute, op-major, and how many each op has.
 
-        Eager: only the active pairs, found at once (one host sync, not one per op). Static (``compile=True``):
-        every pair, so that no shape depends on the draw; inactive ones get a zero gate."""
+        Eager: only the active pairs, found at once (one host sync, not one per op). Static: every pair, so that no
+        shape depends on the draw; inactive ones get a zero gate."""
         batch, k = active.shape
-        if not self._static:
+        if layout == "eager":
             op_index, image_index = active.t().nonzero(as_tuple=True)
             return op_index, image_index, active.sum(0).tolist()
         op_index = torch.arange(k, device=active.device).repeat_interleave(batch)
         image_index = torch.arange(batch, device=active.device).repeat(k)
         return op_index, image_index, [batch] * k
 
+    def _active(self, selected: Tensor, sample_gates: Tensor, sample_magnitudes: Tensor) -> Tensor:
+        """(B, K) which pairs change their image: drawn, with a gate and (for magnitude ops) a magnitude."""
+        still = self._has_magnitude & (sample_magnitudes.detach().abs() < _NEGLIGIBLE)  # a mask: no graph needed
+        return selected & (sample_gates >= _NEGLIGIBLE) & ~still
+
     def _pixels(self, images: Tensor, selected: Tensor, sample_gates: Tensor, sample_magnitudes: Tensor,
                 positions: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
         """The augmented images in [0, 1] and, with ``geometry="composed"``, each image's map (linear, shift), the
         indices of the moved images and, in eager mode, their sampling grid (for the masks; a compiled graph would
-        have to write it out for every call). Each group of ops gathers its images, transforms them in one call and
-        adds its gated residuals back. What ``compile=True`` compiles: with static shapes, no host sync."""
-        still = self._has_magnitude & (sample_magnitudes.detach().abs() < _NEGLIGIBLE)  # a mask: no graph needed
-        active = selected & (sample_gates >= _NEGLIGIBLE) & ~still
-        op_index, image_index, counts = self._pairs(active)
-        if self._static:
+        have to write it out for every call). Eager, or what ``compile=True`` compiles in the static layout: no shape
+        depends on the draw, no host sync."""
+        layout: Layout = "eager" if self.compile_mode is None else "static"
+        active = self._active(selected, sample_gates, sample_magnitudes)
+        op_index, image_index, counts = self._pairs(active, layout)
+        if layout == "static":
             sample_gates = torch.where(active, sample_gates, 0.0)
+        return self._render_pairs(layout, images, op_index, image_index, counts, None, sample_gates,
+                                  sample_magnitudes, positions)
+
+    def _gathered_pixels(self, images: Tensor, sample_gates: Tensor, sample_magnitudes: Tensor, positions: Tensor,
+                         pairs: Tensor, counts: list[int]
+                         ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+        """``_pixels`` on the drawn pairs only: ``pairs`` are the (op, image) rows of ``_pair_table``'s nonzero
+        entries, op-major, ``counts`` how many each op has (images B and B + 1 are padding, with a zero gate). What
+        ``compile=True`` compiles in the gathered layout."""
+        op_index, index = pairs.unbind(1)
+        real = index < images.shape[0]
+        return self._render_pairs("gathered", images, op_index, torch.where(real, index, 0), counts, real,
+                                  sample_gates, sample_magnitudes, positions)
+
+    def _render_pairs(self, layout: Layout, images: Tensor, op_index: Tensor, image_index: Tensor, counts: list[int],
+                      real: Tensor | None, sample_gates: Tensor, sample_magnitudes: Tensor, positions: Tensor
+                      ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+        """``_pixels`` of the pairs given (``real`` False for padding): each group of ops gathers its images,
+        transforms them in one call and adds its gated residuals back."""
         group_sizes = [[counts[k] for k in columns] for columns in self._groups]
         totals = [sum(sizes) for sizes in group_sizes]
         # index_select, not advanced indexing (x[i, j]): the same gather at a tenth of the cost on the CPU.
         pairs = image_index * len(self.ops) + op_index
         magnitudes = sample_magnitudes.reshape(-1).index_select(0, pairs)
-        gates = sample_gates.reshape(-1).index_select(0, pairs).to(images.dtype).view(-1, 1, 1, 1)
+        gates = sample_gates.reshape(-1).index_select(0, pairs)
+        if real is not None:  # padding pairs: a zero gate
+            gates = torch.where(real, gates, 0.0)
+        gates = gates.to(images.dtype).view(-1, 1, 1, 1)
         coefficients = self._coefficients(magnitudes, op_index)
         # Split once per tensor rather than slice per group: autograd joins the groups' gradients in one cat.
         per_group = zip(
@@ -435,8 +497,8 @@ class _Policy(nn.Module):
         linear = shift = moved = grid = None
         if self.geometry == "composed":  # geometry first, one warp per moved image; the other ops act on its output
             affine = groups.pop(self._affine_group) if self._affine_group is not None else None
-            linear, shift, moved = self._compose(images, affine)
-            if self._static:
+            linear, shift, moved = self._compose(images, affine, layout)
+            if layout != "eager":
                 base = warp(images, linear, shift) if affine is not None else images
             else:
                 base, grid = warp_rows(images, linear, shift, moved)
@@ -453,18 +515,20 @@ class _Policy(nn.Module):
             names = [self.ops[k] for k in columns]
             changed = self._transform(names, sizes, part, magnitude, position, group_coefficients)
             residual = gate * (changed - part)
-            if self._static:  # every op of the group has the whole batch, op-major: a sum, not a scatter
+            if layout == "static":  # every op of the group has the whole batch, op-major: a sum, not a scatter
                 out = out + residual.view(len(columns), *images.shape).sum(0)
+            elif layout == "gathered":
+                out = out.index_add(0, index, residual)
             else:
                 out.index_add_(0, index, residual)
         if torch.is_grad_enabled() and sample_gates.requires_grad and not out.requires_grad:
             # Every pair was negligible (likely for one image: 7 % of draws at p = m = 0.5). Keep the output on
             # the graph, with the zero gradient of skipped pairs, so that a loss on it alone can still backward().
             out = out + 0 * sample_gates.sum()
-        out = F.hardtanh(out, 0.0, 1.0) if self._static else F.hardtanh_(out, 0.0, 1.0)  # clip01 (in place, eager)
+        out = F.hardtanh_(out, 0.0, 1.0) if layout == "eager" else F.hardtanh(out, 0.0, 1.0)  # clip01 (in place: eager)
         return out, linear, shift, moved, grid
 
-    def _compose(self, images: Tensor, group: tuple | None) -> tuple[Tensor, Tensor, Tensor]:
+    def _compose(self, images: Tensor, group: tuple | None, layout: Layout) -> tuple[Tensor, Tensor, Tensor]:
         """Each image's drawn affine ops as one map: (B, 2, 2) linear, (B, 2) shift (``warp``'s arguments) and the
         indices of the images whose map is not the identity.
 
@@ -485,7 +549,10 @@ class _Policy(nn.Module):
         shift = shift * pixels  # composed in pixels: the two axes scale differently
         # Output pixel q of op B samples the ops before it at L_B q + t_B, and those sample x at L_A (.) + t_A.
         for idx, op_l, op_t in zip(index.split(sizes), op_linear.split(sizes), op_shift.split(sizes), strict=True):
-            if self._static:  # every image has every op (identity where not drawn): no gather
+            if layout == "gathered":  # every image's map of this op: identity where not drawn (padding adds zero)
+                op_l = eye.expand(batch, 2, 2).index_add(0, idx, op_l - eye)
+                op_t = op_t.new_zeros(batch, 2).index_add(0, idx, op_t)
+            if layout != "eager":  # every image has every op (identity where not drawn): no gather
                 linear, shift = linear @ op_l, (linear @ op_t.unsqueeze(2)).squeeze(2) + shift
                 continue
             if idx.numel() == 0:
@@ -493,7 +560,7 @@ class _Policy(nn.Module):
             before_l, before_t = linear.index_select(0, idx), shift.index_select(0, idx)
             linear = linear.index_copy(0, idx, before_l @ op_l)
             shift = shift.index_copy(0, idx, (before_l @ op_t.unsqueeze(2)).squeeze(2) + before_t)
-        moved = torch.arange(batch, device=images.device) if self._static else index.unique()
+        moved = torch.arange(batch, device=images.device) if layout != "eager" else index.unique()
         return linear, shift / pixels, moved
 
     def _geometry(self, names: list[str], sizes: list[int], magnitude: Tensor, x: Tensor,
@@ -754,10 +821,10 @@ class PolicyAugmenter(_Policy):
 
     _setting_names = (*_Policy._setting_names, "forward")
 
-    def _pixel_path(self, name: str = "_pixels") -> Any:
-        if self._static:  # in eager: the compiled path reads the packed table as it is (the eager one checks it)
+    def _pixel_path(self, name: str = "_pixels", dynamic: bool | None = None) -> Any:
+        if self.compile_mode is not None:  # in eager: a compiled path reads the packed table as it is
             self._magnitude_nets.refresh()
-        return super()._pixel_path(name)
+        return super()._pixel_path(name, dynamic)
 
     def _needs_encoders(self, magnitude: Tensor) -> bool:
         return self.forward_mode == "encoder" or (torch.is_grad_enabled() and magnitude.requires_grad)

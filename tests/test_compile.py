@@ -1,5 +1,6 @@
-"""The compiled path (``compile=True``): every (image, op) pair with static shapes, fused by torch.compile, against
-the eager path on the same samples; and no recompilation after warm-up."""
+"""The compiled path (``compile=True``) in both its layouts, against the eager path on the same samples: "gathered"
+(the drawn pairs, symbolic counts: a CPU's) and "static" (every pair, static shapes: a GPU's, checked here on the CPU
+by turning gathering off); and no recompilation after warm-up."""
 
 from __future__ import annotations
 
@@ -16,8 +17,18 @@ from diffaug import DiffAugError, PolicyAugmenter, ReferencePolicy
 SMOOTH_OPS = [op for op in PolicyAugmenter().ops if op != "Solarize"]
 
 
-def _pair(**kwargs: object) -> tuple[PolicyAugmenter, PolicyAugmenter]:
-    return PolicyAugmenter(seed=0, **kwargs), PolicyAugmenter(seed=0, compile=True, **kwargs)
+LAYOUTS = ["gathered", "static"]
+
+
+def _compiled(cls: type = PolicyAugmenter, layout: str = "gathered", **kwargs: object) -> PolicyAugmenter:
+    module = cls(seed=0, compile=True, **kwargs)
+    module._gather_on_cpu = layout == "gathered"
+    assert module._layout(torch.device("cpu")) == layout
+    return module
+
+
+def _pair(layout: str = "gathered", **kwargs: object) -> tuple[PolicyAugmenter, PolicyAugmenter]:
+    return PolicyAugmenter(seed=0, **kwargs), _compiled(layout=layout, **kwargs)
 
 
 def _run(module: PolicyAugmenter, x: torch.Tensor, seed: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -29,7 +40,8 @@ def _run(module: PolicyAugmenter, x: torch.Tensor, seed: int) -> tuple[torch.Ten
     if not module.training:
         return out, []
     (out * torch.linspace(0, 1, out.numel()).view_as(out)).sum().backward()  # a loss that weighs every pixel
-    return out.detach(), [p.grad.clone() for p in module.parameters()]
+    # No gradient (None) where no drawn op reads a logit, as zero: the paths may differ in what they leave None.
+    return out.detach(), [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in module.parameters()]
 
 
 def _close(eager: PolicyAugmenter, fast: PolicyAugmenter, x: torch.Tensor, atol: float) -> None:
@@ -41,9 +53,10 @@ def _close(eager: PolicyAugmenter, fast: PolicyAugmenter, x: torch.Tensor, atol:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("geometry", ["residual", "composed"])
-def test_compiled_path_matches_eager_in_train_and_eval(geometry: str, images: torch.Tensor) -> None:
-    eager, fast = _pair(ops=SMOOTH_OPS, geometry=geometry, probability=0.7)
+def test_compiled_path_matches_eager_in_train_and_eval(layout: str, geometry: str, images: torch.Tensor) -> None:
+    eager, fast = _pair(layout, ops=SMOOTH_OPS, geometry=geometry, probability=0.7)
     x = torch.cat([images, images.flip(3)])
     for training in (True, False):
         eager.train(training)
@@ -52,11 +65,12 @@ def test_compiled_path_matches_eager_in_train_and_eval(geometry: str, images: to
 
 
 @pytest.mark.slow
-def test_compiled_reference_forward_and_solarize(images: torch.Tensor) -> None:
-    eager, fast = _pair(forward="reference", probability=0.7)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_compiled_reference_forward_and_solarize(layout: str, images: torch.Tensor) -> None:
+    eager, fast = _pair(layout, forward="reference", probability=0.7)
     _close(eager, fast, images, atol=1e-4)  # with Solarize (see SMOOTH_OPS)
     reference = ReferencePolicy(seed=0, probability=0.7)
-    fast_reference = ReferencePolicy(seed=0, probability=0.7, compile=True)
+    fast_reference = _compiled(ReferencePolicy, layout, probability=0.7)
     sample = reference.sample(len(images), torch.Generator().manual_seed(0))
     assert (reference.apply(images, sample) - fast_reference.apply(images, sample)).abs().max() <= 1e-5
 
@@ -82,10 +96,12 @@ def test_compiled_sample_equals_the_eager_one(kwargs: dict) -> None:
 
 
 @pytest.mark.slow
-def test_compiled_forward_draws_and_applies_in_one_graph_as_eager_does(images: torch.Tensor) -> None:
-    """forward() with compile set draws the sample and applies it in one compiled call: the same generator gives
-    eager forward's images within 1e-5, its logit gradients within 1e-4 relative, and its masks and boxes."""
-    eager, fast = _pair(ops=SMOOTH_OPS, geometry="composed", probability=0.7)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_compiled_forward_draws_and_applies_as_eager_does(layout: str, images: torch.Tensor) -> None:
+    """forward() with compile set draws the sample in a compiled graph, with the pixels where static (one graph),
+    before them where gathered (the pairs drawn decide the shapes): the same generator gives eager forward's images
+    within 1e-5, its logit gradients within 1e-4 relative, and its masks and boxes."""
+    eager, fast = _pair(layout, ops=SMOOTH_OPS, geometry="composed", probability=0.7)
     x = torch.cat([images, images.flip(3)])
     masks = (x[:, 0] > 0.5).long()
     boxes = [torch.tensor([[4.0, 6.0, 20.0, 28.0]])] * len(x)
@@ -107,7 +123,8 @@ def test_compiled_forward_draws_and_applies_in_one_graph_as_eager_does(images: t
                 torch.testing.assert_close(box_f, box_e, atol=1e-4, rtol=0)
             for g_e, g_f in zip(grads_e, grads_f, strict=True):
                 assert (g_e - g_f).norm() <= 1e-4 * g_e.norm() + 1e-9
-    assert "_draw_and_pixels" in fast._compiled and "_pixels" not in fast._compiled  # one graph, not two
+    graphs = {"static": {"_draw_and_pixels"}, "gathered": {"_draw_pairs", "_gathered_pixels"}}[layout]
+    assert set(fast._compiled) == graphs
 
 
 @pytest.mark.slow
@@ -126,11 +143,12 @@ def _aten_ops(fn) -> int:
 
 
 @pytest.mark.slow
-def test_compiled_calls_dispatch_a_bounded_number_of_ops(images: torch.Tensor) -> None:
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_compiled_calls_dispatch_a_bounded_number_of_ops(layout: str, images: torch.Tensor) -> None:
     """The issue's floor, counted rather than timed: at most 60 aten ops for a no-grad eval forward and 150 for a
     train step (forward and backward to the logits) on the compiled path, against ~640 and ~1,200 eager; inside a
-    compiled region only the ops inductor does not fuse are dispatched."""
-    fast = PolicyAugmenter(seed=0, compile=True)
+    compiled region only the ops inductor does not fuse are dispatched (gathered: plus the pairs' nonzero)."""
+    fast = _compiled(layout=layout)
     step = lambda: fast(images).mean().backward()  # noqa: E731
     for _ in range(2):  # warm-up: compile, then one steady call
         step()
@@ -144,21 +162,38 @@ def test_compiled_calls_dispatch_a_bounded_number_of_ops(images: torch.Tensor) -
 
 
 @pytest.mark.slow
-def test_no_recompilation_after_warm_up(images: torch.Tensor) -> None:
-    """After one train and one eval call, other batch sizes (an epoch's last batch), mode switches and new
-    samples reuse the two graphs."""
-    fast = PolicyAugmenter(seed=0, compile=True)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_no_recompilation_after_warm_up(layout: str, images: torch.Tensor) -> None:
+    """After one train and one eval call (and one replay), other batch sizes (an epoch's last batch), mode
+    switches, new samples and, gathered, new counts of pairs per op (down to none at 3 images) reuse the graphs."""
+    fast = _compiled(layout=layout)
     fast(images).mean().backward()
     with torch.no_grad():
         fast.eval()(images)
+        fast.apply(images, fast.sample(len(images)))
     graphs = counters["stats"]["unique_graphs"]
     for batch in (5, 8, 3, 7):
         fast.train()(images[:batch]).mean().backward()
         with torch.no_grad():
             fast.eval()(images[:batch])
+            fast.apply(images[:batch], fast.sample(batch))
     assert counters["stats"]["unique_graphs"] == graphs
     copied = copy.deepcopy(fast)  # a copy compiles for itself, and is the same policy
     assert torch.equal(copied.probability_logits, fast.probability_logits)
+
+
+@pytest.mark.slow
+def test_gathered_layout_pads_ops_drawn_by_fewer_than_two_images(images: torch.Tensor) -> None:
+    """Gathered, each op has at least two pairs, so that no count of 0 or 1 specialises a graph: an op drawn by
+    fewer images gets padding rows (images B and B + 1) with a zero gate. With one op an image on two images,
+    most ops are drawn by none: the result is still the eager one, gradients too."""
+    eager, fast = _pair("gathered", ops=SMOOTH_OPS, n_ops=1, probability=0.99)
+    sample = fast.sample(2, torch.Generator().manual_seed(0))
+    table, counts = fast._pair_table(sample.selected, sample.gates, sample.magnitudes)
+    assert table.shape == (len(SMOOTH_OPS), 4) and (counts >= 2).all()
+    assert (table[:, :2].sum(1) == 0).sum() >= len(SMOOTH_OPS) - 2  # most ops padded twice
+    assert torch.equal(table[:, :2], fast._active(sample.selected, sample.gates, sample.magnitudes).t())
+    _close(eager, fast, images[:2], atol=1e-5)
 
 
 def test_compile_argument_is_checked() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -115,6 +116,32 @@ def test_warp_samples_the_documented_map_of_pixel_centres(size: tuple[int, int])
     assert linear32.grad is not None and bool(torch.isfinite(linear32.grad).all())
     # float32 coordinates: ~1e-7 of the half-size, ~2e-6 of a pixel at 40 px.
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+def test_compiled_cpu_resample_is_grid_sample_with_its_gradients(mode: str) -> None:
+    """Compiled on a CPU, resample calls ATen's grid_sample through a custom op (inductor's decomposition is slower
+    there): the op passes torch's own checks (fake tensors, autograd registration) and equals F.grid_sample, values
+    and gradients to images and grid, bit for bit (the same ATen kernels). Also inside a compiled function."""
+    from diffaug.ops import _grid_sample_cpu, resample
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(3, 2, 7, 9, generator=g, requires_grad=True)
+    grid = (2.2 * torch.rand(3, 5, 6, 2, generator=g) - 1.1).requires_grad_()
+    interpolation = 0 if mode == "bilinear" else 1
+    torch.library.opcheck(_grid_sample_cpu, (x, grid, interpolation))
+    weights = torch.rand(3, 2, 5, 6, generator=g)
+    results = []
+    for fn in (lambda: torch.nn.functional.grid_sample(x, grid, mode=mode, align_corners=False),
+               lambda: _grid_sample_cpu(x, grid, interpolation),
+               torch.compile(lambda: resample(x, grid, mode), fullgraph=True)):  # type: ignore[arg-type]
+        with warnings.catch_warnings():  # compiling raises torch's own deprecation warnings: not ours
+            warnings.simplefilter("ignore")
+            out = fn()
+            results.append((out, *torch.autograd.grad((out * weights).sum(), (x, grid))))
+    for got in results[1:]:
+        for value, expected in zip(got, results[0], strict=True):
+            torch.testing.assert_close(value, expected, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("rows", [[], [1, 3], [0, 1, 2, 3]])
