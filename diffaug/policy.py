@@ -757,15 +757,16 @@ class PolicyAugmenter(_Policy):
         mean, std: per-channel normalisation of the inputs; images are un-normalised before augmenting.
         seed: seeds the augmenter's own generator, so every draw is reproducible.
         compile: False (eager: only the (image, op) pairs drawn are computed, after one host sync), or True / a
-            ``torch.compile`` mode ("default", "reduce-overhead", "max-autotune"): every pair is computed with
-            static shapes, undrawn ones gated to zero, and torch.compile fuses the pixel path and the arithmetic of
-            ``sample`` (its noise is drawn eagerly, so a seed gives the same draw), ``forward`` both in one graph
-            (one graph each per mode and image size, any batch size; the first call compiles). Equal to the eager
-            path on the same sample within 1e-5 (1e-4 next to Solarize's threshold). It trades pixels for kernel
-            launches: on a CPU it is slower than eager at 32 px and above (see the README); it is meant for GPUs,
-            where each launch costs microseconds. With "reduce-overhead" the output lives in CUDA-graph memory that
-            the next call overwrites (torch raises if it is read after that): ``.clone()`` what you keep across
-            calls, such as two views of one batch.
+            ``torch.compile`` mode ("default", "reduce-overhead", "max-autotune"): torch.compile fuses the pixel
+            path and the arithmetic of ``sample`` (its noise is drawn eagerly, so a seed gives the same draw). On a
+            CPU it computes the drawn pairs only, compiled with symbolic counts after one host sync (one graph for
+            every batch size and draw); on a GPU every pair with static shapes, undrawn ones gated to zero, no host
+            sync, ``forward`` drawing and applying in one graph (CUDA graphs possible). The first call compiles.
+            Equal to the eager path on the same sample within 1e-5 (1e-4 next to Solarize's threshold). On a CPU
+            it speeds up no-grad forwards and small train steps but slows a train step at 32 px and above (see the
+            README); the GPU layout is unmeasured on a GPU. With "reduce-overhead" the output lives in CUDA-graph
+            memory that the next call overwrites (torch raises if it is read after that): ``.clone()`` what you
+            keep across calls, such as two views of one batch.
 
     In ``train()`` mode gates and magnitudes are relaxed-Bernoulli samples that carry gradients to the logits;
     in ``eval()`` mode they are hard samples of the same distribution.
