@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -143,14 +143,14 @@ def _(x: Tensor, grid: Tensor, interpolation: int) -> Tensor:
     return x.new_empty(x.shape[0], x.shape[1], grid.shape[1], grid.shape[2])
 
 
-def _grid_sample_cpu_backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+def _grid_sample_cpu_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
     x, grid = ctx.saved_tensors
     mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1]]
     grad_x, grad_grid = torch.ops.aten.grid_sampler_2d_backward(grad, x, grid, ctx.interpolation, 0, False, mask)
     return (grad_x if mask[0] else None), (grad_grid if mask[1] else None), None
 
 
-def _grid_sample_cpu_context(ctx, inputs: tuple, output: Tensor) -> None:
+def _grid_sample_cpu_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
     x, grid, interpolation = inputs
     ctx.save_for_backward(x, grid)
     ctx.interpolation = interpolation

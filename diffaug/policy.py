@@ -401,11 +401,11 @@ class _Policy(nn.Module):
         if layout == "gathered":  # draw (compiled), find the drawn pairs (one host sync, eager), apply (compiled)
             if isinstance(sample, PolicySample):
                 drawn = (sample.selected, sample.gates, sample.magnitudes, sample.positions)
-                table, per_op = self._pair_table(*drawn[:3])
+                table, op_counts = self._pair_table(*drawn[:3])
             else:
-                *drawn, table, per_op = self._compiled_path("_draw_pairs", cuda_graphs=False)(sample)
+                *drawn, table, op_counts = self._compiled_path("_draw_pairs", cuda_graphs=False)(sample)
             inputs: tuple[Tensor, ...] = (images, *drawn[1:], table.nonzero())
-            path, counts = self._pixel_path("_gathered_pixels", dynamic=True), (per_op.tolist(),)
+            path, counts = self._pixel_path("_gathered_pixels", dynamic=True), (op_counts.tolist(),)
         elif isinstance(sample, PolicySample):
             inputs = (images, sample.selected, sample.gates, sample.magnitudes, sample.positions)
             path = self._pixel_path()
