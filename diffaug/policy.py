@@ -412,7 +412,9 @@ class _Policy(nn.Module):
         else:  # compiled forward: the sample's noise, drawn and applied in one graph
             inputs, path = (images, sample), self._pixel_path("_draw_and_pixels")
         if layout != "eager" and images.shape[0] > 1:
-            for tensor in inputs:  # one graph for every batch size (an epoch's last batch too)
+            # One graph for every batch size (an epoch's last batch too). Gathered graphs are dynamic anyway, but
+            # the mark stays on the caller's tensor: a layout that did not set it would fail the other's guards.
+            for tensor in inputs:
                 torch._dynamo.maybe_mark_dynamic(tensor, 0)
         out, linear, shift, moved, grid = path(*inputs, *counts)
         out = self._normalise(out)
@@ -763,10 +765,10 @@ class PolicyAugmenter(_Policy):
             every batch size and draw); on a GPU every pair with static shapes, undrawn ones gated to zero, no host
             sync, ``forward`` drawing and applying in one graph (CUDA graphs possible). The first call compiles.
             Equal to the eager path on the same sample within 1e-5 (1e-4 next to Solarize's threshold). On a CPU
-            it speeds up no-grad forwards and small train steps but slows a train step at 32 px and above (see the
-            README); the GPU layout is unmeasured on a GPU. With "reduce-overhead" the output lives in CUDA-graph
-            memory that the next call overwrites (torch raises if it is read after that): ``.clone()`` what you
-            keep across calls, such as two views of one batch.
+            it speeds up no-grad forwards at 32 px and above and train steps at 8 px, but slows train steps at 32 px
+            and above (see the README); the GPU layout is unmeasured on a GPU. With "reduce-overhead" the output
+            lives in CUDA-graph memory that the next call overwrites (torch raises if it is read after that):
+            ``.clone()`` what you keep across calls, such as two views of one batch.
 
     In ``train()`` mode gates and magnitudes are relaxed-Bernoulli samples that carry gradients to the logits;
     in ``eval()`` mode they are hard samples of the same distribution.
