@@ -16,9 +16,9 @@ Measured per batch (median of repeats, after warm-up), at equal batch size and n
   step to train step (target <= 1.2x), and the same step moving label masks and two boxes an image (target
   <= 1.1x the composed step without them);
 * ``compile=True`` in eval and train mode, its first call (the compilation) as the cold time: targets a train step
-  <= 1x kornia's forward and an eval forward >= 2x faster than kornia's. On a CPU it gathers the drawn pairs
-  (symbolic counts, one host sync); its static layout (every pair, static shapes, what a GPU runs) is measured
-  beside it ("static");
+  <= 1x kornia's forward and an eval forward >= 2x faster than kornia's. On a CPU it has two layouts, both timed:
+  "gathered" (the drawn pairs, symbolic counts, one host sync) and "static" (every pair, static shapes, what a GPU
+  runs); a batch takes static when it has at most 2,048 pixels a channel, and the ratios are the layout's it takes;
 * the memory-bandwidth floor, ``x.clone()``: the fraction of it reached, clone time / our time;
 * dispatched aten ops per call (torch profiler, nested ones included): on a GPU each is a kernel launch of
   several microseconds whatever the batch, the floor of a step (DESIGN.md, section 7); the first (cold) call's
@@ -137,15 +137,16 @@ def bench(batch: int, size: int, repeats: int, device: str = "cpu",
 
     ours_eval, ours_train = ours, copy.deepcopy(ours)
     ours_eval.eval()
-    compiled_eval, compiled_train = PolicyAugmenter(seed=0, compile=True).to(device).eval(), \
-        PolicyAugmenter(seed=0, compile=True).to(device)
-    # On a CPU compile=True gathers the drawn pairs; the static layout (every pair: a GPU's) is measured beside it.
-    static = {}
-    if device == "cpu":
-        static_eval, static_train = copy.deepcopy(compiled_eval), copy.deepcopy(compiled_train)
-        static_eval._gather_on_cpu = static_train._gather_on_cpu = False
-        static = {"static eval fwd (no grad)": no_grad_forward(static_eval),
-                  "static train fwd+bwd": train_step(static_train)}
+    # compile=True in each layout it can take here: on a CPU both (each batch takes one by its size, _layout), on a
+    # GPU static alone.
+    compiled = {}
+    for layout in ("gathered", "static") if device == "cpu" else ("static",):
+        compiled_eval, compiled_train = PolicyAugmenter(seed=0, compile=True).to(device).eval(), \
+            PolicyAugmenter(seed=0, compile=True).to(device)
+        if device == "cpu":
+            compiled_eval._cpu_static_pixels = compiled_train._cpu_static_pixels = 0 if layout == "gathered" else 2**62
+        compiled |= {f"{layout} eval fwd (no grad)": no_grad_forward(compiled_eval),
+                     f"{layout} train fwd+bwd": train_step(compiled_train)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         candidates = {
@@ -154,9 +155,7 @@ def bench(batch: int, size: int, repeats: int, device: str = "cpu",
             "kornia RandAugment(n=2) fwd": no_grad_forward(kornia_randaugment, x.float()),
             "ours eval fwd (no grad)": no_grad_forward(ours_eval),
             "ours train fwd+bwd": train_step(ours_train),
-            "compiled eval fwd (no grad)": no_grad_forward(compiled_eval),
-            "compiled train fwd+bwd": train_step(compiled_train),
-            **static,
+            **compiled,
             "paper form train fwd+bwd": train_step(paper),
             "composed train fwd+bwd": train_step(composed),
             "composed + masks, boxes": train_step(copy.deepcopy(composed), masks=masks, boxes=boxes),
@@ -197,13 +196,16 @@ def main() -> None:
         print(f"  ratio paper form / ours (fwd+bwd):                          {r['paper form train fwd+bwd'] / ours_step:6.2f}")
         # The machine's speed drifts by up to 1.5x between runs; a ratio of two times taken side by side drifts less.
         print(f"  ours train fwd+bwd / kornia RandAugment fwd:                {ours_step / kornia:6.2f}")
-        fast_fwd, fast_step = r["compiled eval fwd (no grad)"], r["compiled train fwd+bwd"]
+        layout = PolicyAugmenter(compile=True)._layout(torch.empty(batch, 3, size, size, device=args.device))
+        fast_fwd, fast_step = r[f"{layout} eval fwd (no grad)"], r[f"{layout} train fwd+bwd"]
+        print(f"  compile=True takes the {layout} layout here")
         print(f"  compile=True: kornia fwd / eval fwd (target >= 2):          {kornia / fast_fwd:6.2f}")
         print(f"  compile=True: train fwd+bwd / kornia fwd (target <= 1):     {fast_step / kornia:6.2f}")
         print(f"  compile=True / eager: eval fwd {fast_fwd / ours_fwd:.2f}, train fwd+bwd {fast_step / ours_step:.2f}")
-        if "static train fwd+bwd" in r:
-            print(f"  static layout: kornia fwd / eval fwd {kornia / r['static eval fwd (no grad)']:.2f}, "
-                  f"train fwd+bwd / kornia fwd {r['static train fwd+bwd'] / kornia:.2f}")
+        for other in {"gathered", "static"} - {layout}:
+            if f"{other} train fwd+bwd" in r:
+                print(f"  {other} layout: kornia fwd / eval fwd {kornia / r[f'{other} eval fwd (no grad)']:.2f}, "
+                      f"train fwd+bwd / kornia fwd {r[f'{other} train fwd+bwd'] / kornia:.2f}")
         if (batch, size) == (128, 32) and not on_gpu:
             lo, hi = AUTHORS_MS_128x32
             print(f"  authors' module {lo:.0f}-{hi:.0f} ms (measured earlier on this machine) / ours (target >= 4): "

@@ -129,9 +129,10 @@ class _Policy(nn.Module):
 
     # Whether the logits are parameters (learned) or buffers (a fixed policy).
     _learnable = True
-    # Whether compile=True gathers the drawn pairs on a CPU (see _layout); tests turn it off to check the static
-    # layout, a GPU's, on the CPU.
-    _gather_on_cpu = True
+    # compile=True on a CPU: batches of at most this many pixels a channel (B * H * W) take the static layout, larger
+    # ones gather (see _layout). Measured crossover (bench_speed.py, one thread): static is 1.3x faster at 8x8x8 and
+    # gathered 1.2x (eval) to 1.7x (train) faster at 128x8x8 and 32x16x16. Tests set it to check either layout.
+    _cpu_static_pixels = 2048
     # The constructor arguments that settings() reports and from_dict() reads back.
     _setting_names: tuple[str, ...] = (*_FORMAT_1_SETTINGS, "geometry", "ignore_index")
 
@@ -233,13 +234,17 @@ class _Policy(nn.Module):
         """``_pixels`` (or ``_draw_and_pixels``, ``_gathered_pixels``), compiled when ``compile`` is set."""
         return self._compiled_path(name, dynamic=dynamic)
 
-    def _layout(self, device: torch.device) -> Layout:
-        """How the pixel path lays out its (image, op) pairs on ``device``: "eager" (the drawn pairs, not compiled),
-        "static" (every pair, compiled: no host sync, CUDA graphs possible; a GPU's) or "gathered" (the drawn pairs,
-        compiled with symbolic counts after one host sync; a CPU's, where the sync costs nothing and pixels do)."""
+    def _layout(self, images: Tensor) -> Layout:
+        """How the pixel path lays out the (image, op) pairs of ``images`` (B, C, H, W): "eager" (the drawn pairs, not
+        compiled), "static" (every pair, compiled: no host sync, CUDA graphs possible; a GPU's, and a CPU's for tiny
+        batches, where a call's fixed cost outweighs the pixels) or "gathered" (the drawn pairs, compiled with
+        symbolic counts after one host sync; a CPU's, where the sync costs nothing and pixels do)."""
         if self.compile_mode is None:
             return "eager"
-        return "gathered" if device.type == "cpu" and self._gather_on_cpu else "static"
+        if images.device.type != "cpu":
+            return "static"
+        pixels = images.shape[0] * images.shape[-2] * images.shape[-1]
+        return "static" if pixels <= self._cpu_static_pixels else "gathered"
 
     def _sample_path(self) -> Any:
         """``_draw_sample``, compiled when ``compile`` is set; never into CUDA graphs, which hand every call's outputs
@@ -396,7 +401,7 @@ class _Policy(nn.Module):
             )
         images = self._unnormalise(images)
         sample = sample.to(images.device)
-        layout = self._layout(images.device)
+        layout = self._layout(images)
         counts: tuple[Any, ...] = ()
         if layout == "gathered":  # draw (compiled), find the drawn pairs (one host sync, eager), apply (compiled)
             if isinstance(sample, PolicySample):
@@ -762,8 +767,10 @@ class PolicyAugmenter(_Policy):
             ``torch.compile`` mode ("default", "reduce-overhead", "max-autotune"): torch.compile fuses the pixel
             path and the arithmetic of ``sample`` (its noise is drawn eagerly, so a seed gives the same draw). On a
             CPU it computes the drawn pairs only, compiled with symbolic counts after one host sync (one graph for
-            every batch size and draw); on a GPU every pair with static shapes, undrawn ones gated to zero, no host
-            sync, ``forward`` drawing and applying in one graph (CUDA graphs possible). The first call compiles.
+            every batch size and draw); on a GPU, and on a CPU for batches of at most 2,048 pixels a channel
+            (B * H * W, where a call's fixed cost outweighs the pixels), every pair with static shapes, undrawn ones
+            gated to zero, no host sync, ``forward`` drawing and applying in one graph (CUDA graphs possible). The
+            first call in each layout compiles.
             Equal to the eager path on the same sample within 1e-5 (1e-4 next to Solarize's threshold). On a CPU
             it speeds up no-grad forwards at 32 px and above and train steps at 8 px, but slows train steps at 32 px
             and above (see the README); the GPU layout is unmeasured on a GPU. With "reduce-overhead" the output

@@ -1,6 +1,6 @@
 """The compiled path (``compile=True``) in both its layouts, against the eager path on the same samples: "gathered"
-(the drawn pairs, symbolic counts: a CPU's) and "static" (every pair, static shapes: a GPU's, checked here on the CPU
-by turning gathering off); and no recompilation after warm-up."""
+(the drawn pairs, symbolic counts: a CPU's) and "static" (every pair, static shapes: a GPU's and a CPU's for tiny
+batches, checked here on every batch by moving the size at which it switches); and no recompilation after warm-up."""
 
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ LAYOUTS = ["gathered", "static"]
 
 def _compiled(cls: type = PolicyAugmenter, layout: str = "gathered", **kwargs: object) -> PolicyAugmenter:
     module = cls(seed=0, compile=True, **kwargs)
-    module._gather_on_cpu = layout == "gathered"
-    assert module._layout(torch.device("cpu")) == layout
+    module._cpu_static_pixels = 0 if layout == "gathered" else 2**62  # every batch in this layout
+    assert module._layout(torch.empty(1, 3, 8, 8)) == layout
     return module
 
 
@@ -180,6 +180,35 @@ def test_no_recompilation_after_warm_up(layout: str, images: torch.Tensor) -> No
     assert counters["stats"]["unique_graphs"] == graphs
     copied = copy.deepcopy(fast)  # a copy compiles for itself, and is the same policy
     assert torch.equal(copied.probability_logits, fast.probability_logits)
+
+
+def test_layout_follows_the_device_and_the_batch_size() -> None:
+    """Eager without compile; compiled on a CPU, static up to 2,048 pixels a channel (B * H * W; the fixed cost of
+    gathering outweighs the pixels there) and gathered above; static on any other device, whatever the size."""
+    assert PolicyAugmenter()._layout(torch.empty(128, 3, 32, 32)) == "eager"
+    fast = PolicyAugmenter(compile=True)
+    assert fast._layout(torch.empty(8, 3, 8, 8)) == fast._layout(torch.empty(2, 3, 32, 32)) == "static"
+    assert fast._layout(torch.empty(3, 3, 32, 32)) == fast._layout(torch.empty(128, 3, 8, 8)) == "gathered"
+    assert fast._layout(torch.empty(128, 3, 32, 32, device="meta")) == "static"
+
+
+@pytest.mark.slow
+def test_batches_on_both_sides_of_the_layout_switch_reuse_their_graphs(images: torch.Tensor) -> None:
+    """A CPU run whose batches straddle the size at which the layout switches (a tiny last batch) compiles each
+    layout once: after a forward and a replay of each, neither recompiles, and both give the eager result on the same sample."""
+    eager, fast = _pair("gathered", ops=SMOOTH_OPS)
+    fast._cpu_static_pixels = type(fast)._cpu_static_pixels  # the default switch
+    with torch.no_grad():
+        fast.eval(), eager.eval()
+        for batch in (8, 2):  # warm-up, a forward and a replay: 8 images of 32x32 gather, 2 are static
+            fast(images[:batch])
+            fast.apply(images[:batch], fast.sample(batch))
+        graphs = counters["stats"]["unique_graphs"]
+        for batch in (7, 2, 5, 3):  # not 1: a batch of one is a setting of its own (see _noise)
+            sample = fast.sample(batch, torch.Generator().manual_seed(batch))
+            assert (fast.apply(images[:batch], sample) - eager.apply(images[:batch], sample)).abs().max() <= 1e-5
+            fast(images[:batch])
+    assert counters["stats"]["unique_graphs"] == graphs
 
 
 @pytest.mark.slow
