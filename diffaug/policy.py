@@ -417,8 +417,10 @@ class _Policy(nn.Module):
         else:  # compiled forward: the sample's noise, drawn and applied in one graph
             inputs, path = (images, sample), self._pixel_path("_draw_and_pixels")
         if layout != "eager" and images.shape[0] > 1:
-            # One graph for every batch size (an epoch's last batch too). Gathered graphs are dynamic anyway, but
-            # the mark stays on the caller's tensor: a layout that did not set it would fail the other's guards.
+            # One graph for every batch size (an epoch's last batch too; gathered graphs are dynamic anyway, but a
+            # mark they lacked would fail their guards). The marks go on aliases: a mark stays on its tensor, and the
+            # caller's images and sample must reach another compiled function as they came.
+            inputs = tuple(tensor.view(tensor.shape) for tensor in inputs)
             for tensor in inputs:
                 torch._dynamo.maybe_mark_dynamic(tensor, 0)
         out, linear, shift, moved, grid = path(*inputs, *counts)

@@ -165,7 +165,8 @@ def test_compiled_calls_dispatch_a_bounded_number_of_ops(layout: str, images: to
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_no_recompilation_after_warm_up(layout: str, images: torch.Tensor) -> None:
     """After one train and one eval call (and one replay), other batch sizes (an epoch's last batch), mode
-    switches, new samples and, gathered, new counts of pairs per op (down to none at 3 images) reuse the graphs."""
+    switches, new samples and, gathered, new counts of pairs per op (down to none at 3 images) reuse the graphs;
+    the caller's tensors are left unmarked."""
     fast = _compiled(layout=layout)
     fast(images).mean().backward()
     with torch.no_grad():
@@ -178,6 +179,13 @@ def test_no_recompilation_after_warm_up(layout: str, images: torch.Tensor) -> No
             fast.eval()(images[:batch])
             fast.apply(images[:batch], fast.sample(batch))
     assert counters["stats"]["unique_graphs"] == graphs
+    # The marks that keep the batch size dynamic go on aliases, never on the caller's images or sample (whose
+    # tensors, outputs of a compiled graph, carry torch's own propagated marks: those stay as they were).
+    x, sample = images[:4].clone(), fast.sample(4)
+    callers = (x, sample.selected, sample.gates, sample.magnitudes, sample.positions)
+    before = [dict(vars(t)) for t in callers]
+    fast.apply(x, sample), fast(x)
+    assert [dict(vars(t)) for t in callers] == before and not vars(x)
     copied = copy.deepcopy(fast)  # a copy compiles for itself, and is the same policy
     assert torch.equal(copied.probability_logits, fast.probability_logits)
 
