@@ -130,8 +130,9 @@ class _Policy(nn.Module):
     # Whether the logits are parameters (learned) or buffers (a fixed policy).
     _learnable = True
     # compile=True on a CPU: batches of at most this many pixels a channel (B * H * W) take the static layout, larger
-    # ones gather (see _layout). Measured crossover (bench_speed.py, one thread): static is 1.3x faster at 8x8x8 and
-    # gathered 1.2x (eval) to 1.7x (train) faster at 128x8x8 and 32x16x16. Tests set it to check either layout.
+    # ones gather (see _layout). Measured on one thread (2026-12-03): static is 1.3x faster at 8x3x8x8, gathered 1.2x
+    # (eval) to 1.7x (train) faster at 128x3x8x8 and 32x3x16x16; a line through each layout's times crosses at about
+    # 3,600 pixels for eval and 1,800 for train. Tests set it to check either layout on any batch.
     _cpu_static_pixels = 2048
     # The constructor arguments that settings() reports and from_dict() reads back.
     _setting_names: tuple[str, ...] = (*_FORMAT_1_SETTINGS, "geometry", "ignore_index")
