@@ -775,10 +775,10 @@ class PolicyAugmenter(_Policy):
             gated to zero, no host sync, ``forward`` drawing and applying in one graph (CUDA graphs possible). The
             first call in each layout compiles.
             Equal to the eager path on the same sample within 1e-5 (1e-4 next to Solarize's threshold). On a CPU
-            it speeds up no-grad forwards at 32 px and above and train steps at 8 px, but slows train steps at 32 px
-            and above (see the README); the GPU layout is unmeasured on a GPU. With "reduce-overhead" the output
-            lives in CUDA-graph memory that the next call overwrites (torch raises if it is read after that):
-            ``.clone()`` what you keep across calls, such as two views of one batch.
+            it speeds up no-grad forwards at every size and train steps on tiny batches, but slows train steps on
+            128 images of 32 px and more (see the README); the GPU layout is unmeasured on a GPU. With
+            "reduce-overhead" the output lives in CUDA-graph memory that the next call overwrites (torch raises if
+            it is read after that): ``.clone()`` what you keep across calls, such as two views of one batch.
 
     In ``train()`` mode gates and magnitudes are relaxed-Bernoulli samples that carry gradients to the logits;
     in ``eval()`` mode they are hard samples of the same distribution.

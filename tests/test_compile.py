@@ -203,7 +203,8 @@ def test_layout_follows_the_device_and_the_batch_size() -> None:
 @pytest.mark.slow
 def test_batches_on_both_sides_of_the_layout_switch_reuse_their_graphs(images: torch.Tensor) -> None:
     """A CPU run whose batches straddle the size at which the layout switches (a tiny last batch) compiles each
-    layout once: after a forward and a replay of each, neither recompiles, and both give the eager result on the same sample."""
+    layout once: after a forward and a replay of each, neither recompiles, and both give the eager result on the
+    same sample."""
     eager, fast = _pair("gathered", ops=SMOOTH_OPS)
     fast._cpu_static_pixels = type(fast)._cpu_static_pixels  # the default switch
     with torch.no_grad():
