@@ -16,9 +16,11 @@ Measured per batch (median of repeats, after warm-up), at equal batch size and n
   step to train step (target <= 1.2x), and the same step moving label masks and two boxes an image (target
   <= 1.1x the composed step without them);
 * ``compile=True`` in eval and train mode, its first call (the compilation) as the cold time: targets a train step
-  <= 1x kornia's forward and an eval forward >= 2x faster than kornia's. On a CPU it has two layouts, both timed:
-  "gathered" (the drawn pairs, symbolic counts, one host sync) and "static" (every pair, static shapes, what a GPU
-  runs); a batch takes static when it has at most 2,048 pixels a channel, and the ratios are the layout's it takes;
+  <= 1x kornia's forward and an eval forward >= 2x faster than kornia's. On a CPU it has two compiled layouts,
+  both timed at every shape: "gathered" (the drawn pairs, symbolic counts, one host sync) and "static" (every pair,
+  static shapes, what a GPU runs); for some shapes compile=True runs the pixels eager instead ("eager*", timed as
+  compile=True runs it). Which one a call takes is policy._CPU_LAYOUT's, by shape and grad mode; the ratios are
+  those of the layout taken;
 * the memory-bandwidth floor, ``x.clone()``: the fraction of it reached, clone time / our time;
 * dispatched aten ops per call (torch profiler, nested ones included): on a GPU each is a kernel launch of
   several microseconds whatever the batch, the floor of a step (DESIGN.md, section 7); the first (cold) call's
@@ -99,6 +101,15 @@ def timed(candidates: dict[str, Callable[[], object]], repeats: int, sync: Calla
             for name, t in times.items()}
 
 
+def layouts(batch: int, size: int, device: str) -> tuple[str, str]:
+    """The layouts compile=True takes for an eval forward (no grad) and for a train step on such a batch ("eager*":
+    compile=True running the pixels eager)."""
+    module, images = PolicyAugmenter(compile=True).to(device), torch.empty(batch, 3, size, size, device=device)
+    with torch.no_grad():
+        eval_layout = module._layout(images)
+    return tuple("eager*" if layout == "eager" else layout for layout in (eval_layout, module._layout(images)))
+
+
 def bench(batch: int, size: int, repeats: int, device: str = "cpu",
           dtype: torch.dtype = torch.float32) -> dict[str, Measured]:
     import kornia.augmentation.auto as auto
@@ -144,9 +155,17 @@ def bench(batch: int, size: int, repeats: int, device: str = "cpu",
         compiled_eval, compiled_train = PolicyAugmenter(seed=0, compile=True).to(device).eval(), \
             PolicyAugmenter(seed=0, compile=True).to(device)
         if device == "cpu":
-            compiled_eval._cpu_static_pixels = compiled_train._cpu_static_pixels = 0 if layout == "gathered" else 2**62
+            for module in (compiled_eval, compiled_train):  # this layout at any size, train steps too
+                module._layout = lambda images, layout=layout: layout  # type: ignore[method-assign]
         compiled |= {f"{layout} eval fwd (no grad)": no_grad_forward(compiled_eval),
                      f"{layout} train fwd+bwd": train_step(compiled_train)}
+    # Where compile=True runs the pixels eager (a CPU's, for some shapes: _CPU_LAYOUT), it is timed as it is: eager
+    # pixels, compiled sampling ("eager*").
+    eval_layout, train_layout = layouts(batch, size, device)
+    if eval_layout == "eager*":
+        compiled["eager* eval fwd (no grad)"] = no_grad_forward(PolicyAugmenter(seed=0, compile=True).to(device).eval())
+    if train_layout == "eager*":
+        compiled["eager* train fwd+bwd"] = train_step(PolicyAugmenter(seed=0, compile=True).to(device))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         candidates = {
@@ -196,16 +215,17 @@ def main() -> None:
         print(f"  ratio paper form / ours (fwd+bwd):                          {r['paper form train fwd+bwd'] / ours_step:6.2f}")
         # The machine's speed drifts by up to 1.5x between runs; a ratio of two times taken side by side drifts less.
         print(f"  ours train fwd+bwd / kornia RandAugment fwd:                {ours_step / kornia:6.2f}")
-        layout = PolicyAugmenter(compile=True)._layout(torch.empty(batch, 3, size, size, device=args.device))
-        fast_fwd, fast_step = r[f"{layout} eval fwd (no grad)"], r[f"{layout} train fwd+bwd"]
-        print(f"  compile=True takes the {layout} layout here")
+        layout, step_layout = layouts(batch, size, args.device)
+        fast_fwd, fast_step = r[f"{layout} eval fwd (no grad)"], r[f"{step_layout} train fwd+bwd"]
+        print(f"  compile=True takes the {layout} layout for eval forwards here, {step_layout} for train steps")
         print(f"  compile=True: kornia fwd / eval fwd (target >= 2):          {kornia / fast_fwd:6.2f}")
         print(f"  compile=True: train fwd+bwd / kornia fwd (target <= 1):     {fast_step / kornia:6.2f}")
         print(f"  compile=True / eager: eval fwd {fast_fwd / ours_fwd:.2f}, train fwd+bwd {fast_step / ours_step:.2f}")
-        for other in {"gathered", "static"} - {layout}:
-            if f"{other} train fwd+bwd" in r:
-                print(f"  {other} layout: kornia fwd / eval fwd {kornia / r[f'{other} eval fwd (no grad)']:.2f}, "
-                      f"train fwd+bwd / kornia fwd {r[f'{other} train fwd+bwd'] / kornia:.2f}")
+        for each in ("gathered", "static"):  # every layout timed, whichever compile=True takes
+            if f"{each} train fwd+bwd" in r:
+                each_step = r[f"{each} train fwd+bwd"]
+                print(f"  {each} layout: kornia fwd / eval fwd {kornia / r[f'{each} eval fwd (no grad)']:.2f}, "
+                      f"train fwd+bwd / kornia fwd {each_step / kornia:.2f}, train / eager {each_step / ours_step:.2f}")
         if (batch, size) == (128, 32) and not on_gpu:
             lo, hi = AUTHORS_MS_128x32
             print(f"  authors' module {lo:.0f}-{hi:.0f} ms (measured earlier on this machine) / ours (target >= 4): "

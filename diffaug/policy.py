@@ -32,8 +32,20 @@ CompileMode = Literal["default", "reduce-overhead", "max-autotune"]
 COMPILE_MODES: tuple[str, ...] = ("default", "reduce-overhead", "max-autotune")
 MAGNITUDE_SAMPLINGS: tuple[str, ...] = ("relaxed", "mean", "uniform")
 Geometry = Literal["residual", "composed"]
-Layout = Literal["eager", "static", "gathered"]  # see _Policy._layout
 GEOMETRIES: tuple[str, ...] = ("residual", "composed")
+Layout = Literal["eager", "static", "gathered"]  # see _Policy._layout
+# compile=True's layout on a CPU (_Policy._layout), from train steps and no-grad forwards of the default augmenter
+# timed side by side on one thread (2026-12-04; ms eager / gathered / static):
+# - static up to 2,048 pixels a channel (B * H * W), where a call's fixed cost outweighs the pixels: train steps
+#   2.40 / 1.28 / 1.09 at 16x3x8x8, 2.56 / 1.35 / 1.42 at 32x3x8x8, 2.75 / 1.60 / 2.14 at 64x3x8x8 (no-grad
+#   forwards cross later: static was still the fastest at 4x3x32x32, 1.09 / 0.97 / 0.78);
+# - above, train steps gather only on images of at most 32x32 and 49,152 pixels, and run eager otherwise:
+#   inductor's train-mode graphs cost more a pixel than eager (8x3x32x32: 2.43 / 2.13; 48x3x32x32: 5.70 / 5.73;
+#   128x3x32x32: 8.86 / 10.82; 4x3x64x64: 2.79 / 4.44; 4x3x224x224: 13.0 / 39.3);
+# - no-grad forwards gather on images of at most 32x32 or on 16 images and more, and run eager otherwise: on a few
+#   larger images the padding (every op at least two pairs) outweighs the fusion (4x3x64x64: 1.67 / 1.86; 8x3x96x96:
+#   1.89 / 2.02; 4x3x224x224: 3.04 / 8.83; but 16x3x96x96: 4.93 / 3.69; 128x3x32x32: 2.94 / 1.76).
+_CPU_LAYOUT = {"static_pixels": 2048, "gathered_image": 1024, "gathered_train_pixels": 49152, "gathered_batch": 16}
 
 _EXPORT_FORMAT = 1
 # The settings every format-1 dict holds; those added since (geometry, ignore_index) take their defaults if absent.
@@ -129,11 +141,6 @@ class _Policy(nn.Module):
 
     # Whether the logits are parameters (learned) or buffers (a fixed policy).
     _learnable = True
-    # compile=True on a CPU: batches of at most this many pixels a channel (B * H * W) take the static layout, larger
-    # ones gather (see _layout). Measured on one thread (2026-12-03): static is 1.3x faster at 8x3x8x8, gathered 1.2x
-    # (eval) to 1.7x (train) faster at 128x3x8x8 and 32x3x16x16; a line through each layout's times crosses at about
-    # 3,600 pixels for eval and 1,800 for train. Tests set it to check either layout on any batch.
-    _cpu_static_pixels = 2048
     # The constructor arguments that settings() reports and from_dict() reads back.
     _setting_names: tuple[str, ...] = (*_FORMAT_1_SETTINGS, "geometry", "ignore_index")
 
@@ -237,15 +244,24 @@ class _Policy(nn.Module):
 
     def _layout(self, images: Tensor) -> Layout:
         """How the pixel path lays out the (image, op) pairs of ``images`` (B, C, H, W): "eager" (the drawn pairs, not
-        compiled), "static" (every pair, compiled: no host sync, CUDA graphs possible; a GPU's, and a CPU's for tiny
-        batches, where a call's fixed cost outweighs the pixels) or "gathered" (the drawn pairs, compiled with
-        symbolic counts after one host sync; a CPU's, where the sync costs nothing and pixels do)."""
+        compiled), "static" (every pair, compiled: no host sync, CUDA graphs possible) or "gathered" (the drawn pairs,
+        compiled with symbolic counts after one host sync, every op padded to two pairs). A GPU takes static. A CPU,
+        where the sync costs nothing and pixels do, takes the layout measured fastest for the batch's shape and for
+        whether the call records a graph for backward (see ``_CPU_LAYOUT``)."""
         if self.compile_mode is None:
             return "eager"
         if images.device.type != "cpu":
             return "static"
-        pixels = images.shape[0] * images.shape[-2] * images.shape[-1]
-        return "static" if pixels <= self._cpu_static_pixels else "gathered"
+        batch, image = images.shape[0], images.shape[-2] * images.shape[-1]
+        if batch * image <= _CPU_LAYOUT["static_pixels"]:
+            return "static"
+        records = torch.is_grad_enabled() and any(t.requires_grad for t in (images, *self.parameters(recurse=False)))
+        small = image <= _CPU_LAYOUT["gathered_image"]
+        if records:
+            gathered = small and batch * image <= _CPU_LAYOUT["gathered_train_pixels"]
+        else:
+            gathered = small or batch >= _CPU_LAYOUT["gathered_batch"]
+        return "gathered" if gathered else "eager"
 
     def _sample_path(self) -> Any:
         """``_draw_sample``, compiled when ``compile`` is set; never into CUDA graphs, which hand every call's outputs
@@ -403,6 +419,8 @@ class _Policy(nn.Module):
         images = self._unnormalise(images)
         sample = sample.to(images.device)
         layout = self._layout(images)
+        if layout == "eager" and not isinstance(sample, PolicySample):  # compile=True, run eager (see _layout)
+            sample = PolicySample(self.ops, *self._sample_path()(sample))
         counts: tuple[Any, ...] = ()
         if layout == "gathered":  # draw (compiled), find the drawn pairs (one host sync, eager), apply (compiled)
             if isinstance(sample, PolicySample):
@@ -414,7 +432,7 @@ class _Policy(nn.Module):
             path, counts = self._pixel_path("_gathered_pixels", dynamic=True), (op_counts.tolist(),)
         elif isinstance(sample, PolicySample):
             inputs = (images, sample.selected, sample.gates, sample.magnitudes, sample.positions)
-            path = self._pixel_path()
+            path = self._pixels if layout == "eager" else self._pixel_path()
         else:  # compiled forward: the sample's noise, drawn and applied in one graph
             inputs, path = (images, sample), self._pixel_path("_draw_and_pixels")
         if layout != "eager" and images.shape[0] > 1:
@@ -457,7 +475,7 @@ class _Policy(nn.Module):
         indices of the moved images and, in eager mode, their sampling grid (for the masks; a compiled graph would
         have to write it out for every call). Eager, or what ``compile=True`` compiles in the static layout: no shape
         depends on the draw, no host sync."""
-        layout: Layout = "eager" if self.compile_mode is None else "static"
+        layout: Layout = "static" if torch.compiler.is_compiling() else "eager"  # compiled: static only
         active = self._active(selected, sample_gates, sample_magnitudes)
         op_index, image_index, counts = self._pairs(active, layout)
         if layout == "static":

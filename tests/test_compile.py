@@ -1,6 +1,7 @@
-"""The compiled path (``compile=True``) in both its layouts, against the eager path on the same samples: "gathered"
-(the drawn pairs, symbolic counts: a CPU's) and "static" (every pair, static shapes: a GPU's and a CPU's for tiny
-batches, checked here on every batch by moving the size at which it switches); and no recompilation after warm-up."""
+"""The compiled path (``compile=True``) in each of its layouts, against the eager path on the same samples:
+"gathered" (the drawn pairs, symbolic counts: a CPU's), "static" (every pair, static shapes: a GPU's and a CPU's for
+tiny batches) and "eager" (compile=True running the pixels eager, its sampling compiled: a CPU's for some shapes),
+each checked on every batch by setting the layout; the layout each shape takes; no recompilation after warm-up."""
 
 from __future__ import annotations
 
@@ -18,12 +19,13 @@ SMOOTH_OPS = [op for op in PolicyAugmenter().ops if op != "Solarize"]
 
 
 LAYOUTS = ["gathered", "static"]
+# And compile=True running the pixels eager (with its sampling compiled), as a CPU does for some shapes.
+EVERY_LAYOUT = [*LAYOUTS, "eager"]
 
 
 def _compiled(cls: type = PolicyAugmenter, layout: str = "gathered", **kwargs: object) -> PolicyAugmenter:
     module = cls(seed=0, compile=True, **kwargs)
-    module._cpu_static_pixels = 0 if layout == "gathered" else 2**62  # every batch in this layout
-    assert module._layout(torch.empty(1, 3, 8, 8)) == layout
+    module._layout = lambda images: layout  # every call in this layout, whatever its shape and grad mode
     return module
 
 
@@ -53,7 +55,7 @@ def _close(eager: PolicyAugmenter, fast: PolicyAugmenter, x: torch.Tensor, atol:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", EVERY_LAYOUT)
 @pytest.mark.parametrize("geometry", ["residual", "composed"])
 def test_compiled_path_matches_eager_in_train_and_eval(layout: str, geometry: str, images: torch.Tensor) -> None:
     eager, fast = _pair(layout, ops=SMOOTH_OPS, geometry=geometry, probability=0.7)
@@ -96,7 +98,7 @@ def test_compiled_sample_equals_the_eager_one(kwargs: dict) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", EVERY_LAYOUT)
 def test_compiled_forward_draws_and_applies_as_eager_does(layout: str, images: torch.Tensor) -> None:
     """forward() with compile set draws the sample in a compiled graph, with the pixels where static (one graph),
     before them where gathered (the pairs drawn decide the shapes): the same generator gives eager forward's images
@@ -123,7 +125,8 @@ def test_compiled_forward_draws_and_applies_as_eager_does(layout: str, images: t
                 torch.testing.assert_close(box_f, box_e, atol=1e-4, rtol=0)
             for g_e, g_f in zip(grads_e, grads_f, strict=True):
                 assert (g_e - g_f).norm() <= 1e-4 * g_e.norm() + 1e-9
-    graphs = {"static": {"_draw_and_pixels"}, "gathered": {"_draw_pairs", "_gathered_pixels"}}[layout]
+    graphs = {"static": {"_draw_and_pixels"}, "gathered": {"_draw_pairs", "_gathered_pixels"},
+              "eager": {"_draw_sample"}}[layout]
     assert set(fast._compiled) == graphs
 
 
@@ -162,7 +165,7 @@ def test_compiled_calls_dispatch_a_bounded_number_of_ops(layout: str, images: to
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", EVERY_LAYOUT)
 def test_no_recompilation_after_warm_up(layout: str, images: torch.Tensor) -> None:
     """After one train and one eval call (and one replay), other batch sizes (an epoch's last batch), mode
     switches, new samples and, gathered, new counts of pairs per op (down to none at 3 images) reuse the graphs;
@@ -190,14 +193,28 @@ def test_no_recompilation_after_warm_up(layout: str, images: torch.Tensor) -> No
     assert torch.equal(copied.probability_logits, fast.probability_logits)
 
 
-def test_layout_follows_the_device_and_the_batch_size() -> None:
-    """Eager without compile; compiled on a CPU, static up to 2,048 pixels a channel (B * H * W; the fixed cost of
-    gathering outweighs the pixels there) and gathered above; static on any other device, whatever the size."""
+def test_layout_follows_the_device_the_shape_and_the_grad_mode() -> None:
+    """Eager without compile. Compiled on a CPU (_CPU_LAYOUT): static up to 2,048 pixels a channel (B * H * W);
+    above, train steps gather on images of at most 32x32 and 49,152 pixels and run eager otherwise; no-grad calls
+    gather on images of at most 32x32 or on 16 images and more, and run eager otherwise. Static on any other device,
+    whatever the shape."""
     assert PolicyAugmenter()._layout(torch.empty(128, 3, 32, 32)) == "eager"
     fast = PolicyAugmenter(compile=True)
-    assert fast._layout(torch.empty(8, 3, 8, 8)) == fast._layout(torch.empty(2, 3, 32, 32)) == "static"
-    assert fast._layout(torch.empty(3, 3, 32, 32)) == fast._layout(torch.empty(128, 3, 8, 8)) == "gathered"
-    assert fast._layout(torch.empty(128, 3, 32, 32, device="meta")) == "static"
+
+    def layouts(*shape: int) -> tuple[str, str]:
+        images = torch.empty(*shape)
+        with torch.no_grad():
+            no_grad = fast._layout(images)
+        return no_grad, fast._layout(images)
+
+    assert layouts(8, 3, 8, 8) == layouts(2, 3, 32, 32) == ("static", "static")
+    assert layouts(3, 3, 32, 32) == layouts(128, 3, 8, 8) == layouts(48, 3, 32, 32) == ("gathered", "gathered")
+    assert layouts(49, 3, 32, 32) == layouts(16, 3, 96, 96) == layouts(32, 3, 224, 224) == ("gathered", "eager")
+    assert layouts(15, 3, 33, 33) == layouts(4, 3, 224, 224) == ("eager", "eager")
+    fast.requires_grad_(False)  # a frozen policy records no graph, unless its images need a gradient
+    assert fast._layout(torch.empty(128, 3, 32, 32)) == "gathered"
+    assert fast._layout(torch.empty(128, 3, 32, 32, requires_grad=True)) == "eager"
+    assert fast._layout(torch.empty(4, 3, 224, 224, device="meta")) == "static"
 
 
 @pytest.mark.slow
@@ -205,8 +222,7 @@ def test_batches_on_both_sides_of_the_layout_switch_reuse_their_graphs(images: t
     """A CPU run whose batches straddle the size at which the layout switches (a tiny last batch) compiles each
     layout once: after a forward and a replay of each, neither recompiles, and both give the eager result on the
     same sample."""
-    eager, fast = _pair("gathered", ops=SMOOTH_OPS)
-    fast._cpu_static_pixels = type(fast)._cpu_static_pixels  # the default switch
+    eager, fast = PolicyAugmenter(seed=0, ops=SMOOTH_OPS), PolicyAugmenter(seed=0, ops=SMOOTH_OPS, compile=True)
     with torch.no_grad():
         fast.eval(), eager.eval()
         for batch in (8, 2):  # warm-up, a forward and a replay: 8 images of 32x32 gather, 2 are static
