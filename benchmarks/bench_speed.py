@@ -18,7 +18,7 @@ Measured per batch (median of repeats, after warm-up), at equal batch size and n
 * ``compile=True`` in eval and train mode, its first call (the compilation) as the cold time: targets a train step
   <= 1x kornia's forward and an eval forward >= 2x faster than kornia's. On a CPU it has two compiled layouts,
   both timed at every shape: "gathered" (the drawn pairs, symbolic counts, one host sync) and "static" (every pair,
-  static shapes, what a GPU runs); for some shapes compile=True runs the pixels eager instead ("eager*", timed as
+  static shapes, what a GPU runs); for some shapes compile=True runs eager instead ("eager*", timed as
   compile=True runs it). Which one a call takes is policy._CPU_LAYOUT's, by shape and grad mode; the ratios are
   those of the layout taken;
 * the memory-bandwidth floor, ``x.clone()``: the fraction of it reached, clone time / our time;
@@ -103,7 +103,7 @@ def timed(candidates: dict[str, Callable[[], object]], repeats: int, sync: Calla
 
 def layouts(batch: int, size: int, device: str) -> tuple[str, str]:
     """The layouts compile=True takes for an eval forward (no grad) and for a train step on such a batch ("eager*":
-    compile=True running the pixels eager)."""
+    compile=True running eager)."""
     module, images = PolicyAugmenter(compile=True).to(device), torch.empty(batch, 3, size, size, device=device)
     with torch.no_grad():
         eval_layout = module._layout(images)
@@ -159,8 +159,7 @@ def bench(batch: int, size: int, repeats: int, device: str = "cpu",
                 module._layout = lambda images, layout=layout: layout  # type: ignore[method-assign]
         compiled |= {f"{layout} eval fwd (no grad)": no_grad_forward(compiled_eval),
                      f"{layout} train fwd+bwd": train_step(compiled_train)}
-    # Where compile=True runs the pixels eager (a CPU's, for some shapes: _CPU_LAYOUT), it is timed as it is: eager
-    # pixels, compiled sampling ("eager*").
+    # Where compile=True runs eager (a CPU's, for some shapes: _CPU_LAYOUT), it is timed as it runs ("eager*").
     eval_layout, train_layout = layouts(batch, size, device)
     if eval_layout == "eager*":
         compiled["eager* eval fwd (no grad)"] = no_grad_forward(PolicyAugmenter(seed=0, compile=True).to(device).eval())
