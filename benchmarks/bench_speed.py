@@ -148,9 +148,16 @@ def bench(batch: int, size: int, repeats: int, device: str = "cpu",
 
     ours_eval, ours_train = ours, copy.deepcopy(ours)
     ours_eval.eval()
-    # compile=True in each layout it can take here: on a CPU both (each batch takes one by its size, _layout), on a
-    # GPU static alone.
+    # compile=True in each compiled layout it can take here (on a CPU both, on a GPU static alone), each forced on
+    # every call; and where it runs eager (a CPU's, for some shapes: _CPU_LAYOUT), as it runs ("eager*"), timed next
+    # to the eager candidates: timed after the static layout's large steps it found the caches cold (1.12-1.14x eager
+    # there, 2026-12-04; 1.0x in paired runs of its own).
+    eval_layout, train_layout = layouts(batch, size, device)
     compiled = {}
+    if eval_layout == "eager*":
+        compiled["eager* eval fwd (no grad)"] = no_grad_forward(PolicyAugmenter(seed=0, compile=True).to(device).eval())
+    if train_layout == "eager*":
+        compiled["eager* train fwd+bwd"] = train_step(PolicyAugmenter(seed=0, compile=True).to(device))
     for layout in ("gathered", "static") if device == "cpu" else ("static",):
         compiled_eval, compiled_train = PolicyAugmenter(seed=0, compile=True).to(device).eval(), \
             PolicyAugmenter(seed=0, compile=True).to(device)
@@ -159,12 +166,6 @@ def bench(batch: int, size: int, repeats: int, device: str = "cpu",
                 module._layout = lambda images, layout=layout: layout  # type: ignore[method-assign]
         compiled |= {f"{layout} eval fwd (no grad)": no_grad_forward(compiled_eval),
                      f"{layout} train fwd+bwd": train_step(compiled_train)}
-    # Where compile=True runs eager (a CPU's, for some shapes: _CPU_LAYOUT), it is timed as it runs ("eager*").
-    eval_layout, train_layout = layouts(batch, size, device)
-    if eval_layout == "eager*":
-        compiled["eager* eval fwd (no grad)"] = no_grad_forward(PolicyAugmenter(seed=0, compile=True).to(device).eval())
-    if train_layout == "eager*":
-        compiled["eager* train fwd+bwd"] = train_step(PolicyAugmenter(seed=0, compile=True).to(device))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         candidates = {
