@@ -789,14 +789,16 @@ class PolicyAugmenter(_Policy):
         compile: False (eager: only the (image, op) pairs drawn are computed, after one host sync), or True / a
             ``torch.compile`` mode ("default", "reduce-overhead", "max-autotune"): torch.compile fuses the pixel
             path and the arithmetic of ``sample`` (its noise is drawn eagerly, so a seed gives the same draw). On a
-            CPU it computes the drawn pairs only, compiled with symbolic counts after one host sync (one graph for
-            every batch size and draw); on a GPU, and on a CPU for batches of at most 2,048 pixels a channel
-            (B * H * W, where a call's fixed cost outweighs the pixels), every pair with static shapes, undrawn ones
-            gated to zero, no host sync, ``forward`` drawing and applying in one graph (CUDA graphs possible). The
-            first call in each layout compiles.
+            GPU it computes every pair with static shapes, undrawn ones gated to zero, no host sync, ``forward``
+            drawing and applying in one graph (CUDA graphs possible). On a CPU each call takes the layout measured
+            fastest for its shape and grad mode: static for batches of at most 2,048 pixels a channel (B * H * W);
+            the drawn pairs only, compiled with symbolic counts after one host sync (one graph for every batch size
+            and draw), for no-grad calls on images of at most 32x32 or on 16 images and more, and for train steps
+            on images of at most 32x32 and 49,152 pixels; eager otherwise (see the README). The first call in each
+            layout compiles.
             Equal to the eager path on the same sample within 1e-5 (1e-4 next to Solarize's threshold). On a CPU
-            it speeds up no-grad forwards at every size and train steps on tiny batches, but slows train steps on
-            128 images of 32 px and more (see the README); the GPU layout is unmeasured on a GPU. With
+            it compiles a call only where that measured faster than eager, and runs eager elsewhere (Stage II steps
+            on 128 images of 32 px, for example); the GPU layout is unmeasured on a GPU. With
             "reduce-overhead" the output lives in CUDA-graph memory that the next call overwrites (torch raises if
             it is read after that): ``.clone()`` what you keep across calls, such as two views of one batch.
 
