@@ -101,8 +101,9 @@ def test_compiled_sample_equals_the_eager_one(kwargs: dict) -> None:
 @pytest.mark.parametrize("layout", EVERY_LAYOUT)
 def test_compiled_forward_draws_and_applies_as_eager_does(layout: str, images: torch.Tensor) -> None:
     """forward() with compile set draws the sample in a compiled graph, with the pixels where static (one graph),
-    before them where gathered (the pairs drawn decide the shapes): the same generator gives eager forward's images
-    within 1e-5, its logit gradients within 1e-4 relative, and its masks and boxes."""
+    before them where gathered (the pairs drawn decide the shapes), eagerly where it runs eager (no graph at all):
+    the same generator gives eager forward's images within 1e-5, its logit gradients within 1e-4 relative, and its
+    masks and boxes."""
     eager, fast = _pair(layout, ops=SMOOTH_OPS, geometry="composed", probability=0.7)
     x = torch.cat([images, images.flip(3)])
     masks = (x[:, 0] > 0.5).long()
