@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from diffaug import PolicyAugmenter
-from diffaug.distill import Distiller, Localisation
+from diffaug.distill import Distiller, Localisation, end_distributed_process
 from diffaug.distill.data import mnist5k, small_models
 from diffaug.distill.dense import dense_models, digit_scenes
 
@@ -92,8 +92,7 @@ def main() -> None:
             torch.save({"student": distiller.student.state_dict(), "augmenter": distiller.augmenter.state_dict(),
                         "history": distiller.history, "attempts": int(os.environ["TORCHELASTIC_RESTART_COUNT"]) + 1},
                        os.path.join(out, "elastic.pt"))
-        torch.distributed.destroy_process_group()
-        return
+        end_distributed_process()
     elif mode == "ddp":
         torch.distributed.init_process_group("gloo")
         distiller, loader = make()
@@ -102,8 +101,7 @@ def main() -> None:
         torch.save({"augmenter": distiller.augmenter.state_dict(), "first_draw": first_draw,
                     "student": distiller.student.state_dict(), "task": distiller.task.state_dict()},
                    os.path.join(out, f"rank{distiller.rank}.pt"))
-        torch.distributed.destroy_process_group()
-        return
+        end_distributed_process()
     else:
         raise SystemExit(f"unknown mode {mode}")
     torch.save({"student": distiller.student.state_dict(), "augmenter": distiller.augmenter.state_dict(),

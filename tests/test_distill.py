@@ -86,6 +86,29 @@ def test_training_resumes_exactly_in_a_fresh_process(tmp_path: Path) -> None:
     assert len(straight["history"]["search"]) == 4  # 2 steps at epochs 0 and 1
 
 
+def test_end_distributed_process_destroys_the_group_flushes_and_skips_finalisation(tmp_path: Path) -> None:
+    """A one-rank gloo group, unflushed output on both streams and an atexit handler: the process must exit with
+    the code given, with both streams written out, the group destroyed first, and the handler not run (it is the
+    interpreter's finalisation that the helper skips)."""
+    script = (
+        "import atexit, sys, torch.distributed as dist\n"
+        "from diffaug.distill import end_distributed_process\n"
+        f"dist.init_process_group('gloo', init_method='file://{tmp_path / 'store'}', rank=0, world_size=1)\n"
+        f"atexit.register(lambda: open(r'{tmp_path / 'finalised'}', 'w').close())\n"
+        "import diffaug.distill.loop as loop\n"
+        "destroy = dist.destroy_process_group\n"
+        "loop.dist.destroy_process_group = lambda: (print('destroyed', end=''), destroy())\n"
+        "sys.stdout.write(' out'); sys.stderr.write('err')\n"
+        "end_distributed_process(3)\n"
+    )
+    # Pipes, and no PYTHONUNBUFFERED: Python buffers stdout, so only a flush writes it out before os._exit.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env.pop("PYTHONUNBUFFERED", None)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert (result.returncode, result.stdout, result.stderr[-3:]) == (3, " outdestroyed", "err"), result.stderr
+    assert not (tmp_path / "finalised").exists()
+
+
 @pytest.mark.slow
 def test_ddp_on_two_cpu_ranks_keeps_the_policy_identical(tmp_path: Path) -> None:
     _run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER), "ddp", str(tmp_path))

@@ -7,9 +7,9 @@
 True
 """
 
-from .loop import Distiller, default_milestones
+from .loop import Distiller, default_milestones, end_distributed_process
 from .objective import dist_loss, dkd_loss, kd_loss, log_one_minus_softmax, tst_loss
 from .tasks import Classification, Localisation, Segmentation, Task, box_iou
 
 __all__ = ["Classification", "Distiller", "Localisation", "Segmentation", "Task", "box_iou", "default_milestones",
-           "dist_loss", "dkd_loss", "kd_loss", "log_one_minus_softmax", "tst_loss"]
+           "dist_loss", "dkd_loss", "end_distributed_process", "kd_loss", "log_one_minus_softmax", "tst_loss"]

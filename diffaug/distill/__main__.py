@@ -41,7 +41,7 @@ from ..files import write_atomic
 from ..policy import PolicyAugmenter
 from .data import (IMAGENET_MEAN, IMAGENET_STD, ImageFolder, channel_statistics, cifar, mnist5k, photo_patches,
                    random_crop_flip, small_models)
-from .loop import PAPER_MILESTONES, Distiller, default_milestones
+from .loop import PAPER_MILESTONES, Distiller, default_milestones, end_distributed_process
 from .models import MODELS, build_model
 
 
@@ -274,49 +274,60 @@ def setup_distributed(args: argparse.Namespace) -> int:
     return world
 
 
+def run(args: argparse.Namespace) -> dict | None:
+    """Resolve the recipe, train (the teacher if it is not cached, then the student) and write the history;
+    returns the report on rank 0, None on the others."""
+    recipe = resolve(args)
+    world = setup_distributed(args)
+    train, test, channels, classes, normalisation = load_data(args)
+    teacher, student = build_pair(args, channels, classes)
+    teacher = prepare_teacher(args, teacher, train, recipe, normalisation)
+    mean, std = normalisation
+    augmenter = PolicyAugmenter(mean=mean, std=std)
+    distiller = Distiller(
+        teacher, student, augmenter, kd=args.kd, lr=args.lr, weight_decay=recipe.weight_decay,
+        milestones=default_milestones(args.epochs, recipe.milestones),
+        standard_augment=None if args.data == "folder" else standard_augment(args.data), mean=mean, std=std,
+        device=args.device, amp=args.amp, channels_last=args.channels_last, seed=args.seed)
+    out = Path(args.out)
+    if args.resume and (out / "checkpoint.pt").is_file():
+        distiller.load(out / "checkpoint.pt")
+    workers = {"num_workers": args.workers, "persistent_workers": args.workers > 0, "pin_memory": "cuda" in args.device}
+    batch = args.batch_size // world
+    if world > 1:
+        sampler = DistributedSampler(train, shuffle=True, seed=args.seed, drop_last=True)
+        loader = DataLoader(train, batch_size=batch, sampler=sampler, drop_last=True, **workers)
+    else:
+        loader = DataLoader(train, batch_size=batch, shuffle=True, generator=torch.Generator(),
+                            drop_last=args.data == "folder", **workers)
+    # Every rank evaluates the whole test set: the summed statistics give the exact metric.
+    test_loader = DataLoader(test, batch_size=256, **workers)
+    history = distiller.fit(loader, args.epochs, test_loader, checkpoint=out / "checkpoint.pt")
+    if distiller.rank != 0:
+        return None
+    distiller.save_history(out / "history.json")
+    final = history["epochs"][-1]
+    return {"teacher": args.teacher, "student": args.student, "kd": args.kd,
+            "val_accuracy": final.get("val_accuracy"), "policy": final["policy"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        recipe = resolve(args)
-        world = setup_distributed(args)
-        train, test, channels, classes, normalisation = load_data(args)
-        teacher, student = build_pair(args, channels, classes)
-        teacher = prepare_teacher(args, teacher, train, recipe, normalisation)
-        mean, std = normalisation
-        augmenter = PolicyAugmenter(mean=mean, std=std)
-        distiller = Distiller(
-            teacher, student, augmenter, kd=args.kd, lr=args.lr, weight_decay=recipe.weight_decay,
-            milestones=default_milestones(args.epochs, recipe.milestones),
-            standard_augment=None if args.data == "folder" else standard_augment(args.data), mean=mean, std=std,
-            device=args.device, amp=args.amp, channels_last=args.channels_last, seed=args.seed)
-        out = Path(args.out)
-        if args.resume and (out / "checkpoint.pt").is_file():
-            distiller.load(out / "checkpoint.pt")
-        workers = {"num_workers": args.workers, "persistent_workers": args.workers > 0, "pin_memory": "cuda" in args.device}
-        batch = args.batch_size // world
-        if world > 1:
-            sampler = DistributedSampler(train, shuffle=True, seed=args.seed, drop_last=True)
-            loader = DataLoader(train, batch_size=batch, sampler=sampler, drop_last=True, **workers)
-        else:
-            loader = DataLoader(train, batch_size=batch, shuffle=True, generator=torch.Generator(),
-                                drop_last=args.data == "folder", **workers)
-        # Every rank evaluates the whole test set: the summed statistics give the exact metric.
-        test_loader = DataLoader(test, batch_size=256, **workers)
-        history = distiller.fit(loader, args.epochs, test_loader, checkpoint=out / "checkpoint.pt")
-        if distiller.rank == 0:
-            distiller.save_history(out / "history.json")
+        report = run(args)
     except DiffAugError as error:
         print(f"diffaug.distill: error: {error}", file=sys.stderr)
         return 2
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    if distiller.rank == 0:
-        final = history["epochs"][-1]
-        print(json.dumps({"teacher": args.teacher, "student": args.student, "kd": args.kd,
-                          "val_accuracy": final.get("val_accuracy"), "policy": final["policy"]}, indent=1))
+    if report is not None:
+        print(json.dumps(report, indent=1))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        end_distributed_process(status)  # a torchrun worker: no interpreter finalisation (see its docstring)
+    sys.exit(status)
