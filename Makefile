@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
-.PHONY: demo test bench
+.PHONY: demo test bench device-wheels
 demo: $(VENV)/.installed
 	$(PY) -m diffaug demo --out demo.png
 
@@ -22,3 +22,10 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_speed.py
 	$(PY) benchmarks/bench_fidelity.py
+
+# kornia's wheels for the lent GPU machine (Python 3.12, x86-64, torch but no kornia, no package index), into .whl/
+# for benchmarks/device_check.sh; the versions this project's own installs resolve to.
+device-wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .whl kornia==0.9.0 kornia_rs==0.2.0

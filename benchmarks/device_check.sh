@@ -1,61 +1,96 @@
 #!/usr/bin/env bash
-# The prepared GPU check: one script, at most 8 minutes on one GPU, a JSON report in $OUT (./device_report when
-# unset). Run it whenever a CUDA device is lent; put its numbers in the README. Each part has its own time limit
-# and records its exit status, so one failure does not hide the others.
+# The prepared GPU check: one script, at most 8 minutes on one GPU (its time limits add up to 470 s). Run it once
+# whenever a CUDA device is lent and put its numbers in the README. Each part has its own time limit and records its
+# exit status and seconds, so one failure does not hide the others.
 #
-#   bash benchmarks/device_check.sh
+# The lent machine has torch, pytest and hypothesis but not kornia, and reaches no package index: kornia travels
+# as wheels. Here, once:   make device-wheels          (kornia's wheels for its Python 3.12, into .whl/, ignored)
+# then with the device tool: run(command="bash benchmarks/device_check.sh", carry=[".whl"], timeout_s=560)
 #
-# Parts: the CUDA-marked tests; a Distiller epoch of the zoo's resnet56 -> resnet20 on CIFAR-shaped random data in
-# fp32, bf16 and fp16 with step times; fit-priors on CUDA for two ops with few steps; bench_speed on CUDA in bf16
-# (128x3x32x32 and 256x3x224x224: ours eval and train against kornia's RandAugment forward, dispatched ops per
-# call; compile=True compiles its graphs first: pixels and sample, train and eval, per image size). The time
-# limits add up to 470 s.
+# It writes three files to $OUT (./device_report when unset; the device tool brings back at most 8):
+#   report.json        each part's exit status and seconds, torch and the device, the Distiller epochs
+#   bench_speed.txt    bench_speed.py's table: CUDA, bf16, 128x3x32x32 and 256x3x224x224, ours (eager and
+#                      compile=True) against kornia's RandAugment forward, dispatched ops per call, first calls
+#   device_check.log   every part's output
+#
+# Parts: setup (the wheels into a temporary folder, the project itself without dependencies, offline); the tests
+# marked cuda; bench_epoch.py (a Distiller epoch of resnet56 -> resnet20 in fp32, bf16 and fp16); fit-priors on the
+# device for two ops with few steps; bench_speed.py.
+#
+#   DEVICE=cpu SMOKE=1 bash benchmarks/device_check.sh     every part on the CPU at toy sizes (a test runs this)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-device_report}"
+DEVICE="${DEVICE:-cuda}"
+SMOKE="${SMOKE:-0}"
+PY="${PYTHON:-python3}"
+export PYTHONUNBUFFERED=1  # a part stopped by its time limit keeps what it printed
 mkdir -p "$OUT"
-PY="${PYTHON:-python}"
-if ! "$PY" -c "import diffaug" 2>/dev/null; then
-  "$PY" -m pip install -q -e ".[test]" >"$OUT/install.log" 2>&1 || true
+LOG="$OUT/device_check.log"
+: >"$LOG"
+SCRATCH=$(mktemp -d)
+trap 'rm -rf "$SCRATCH"' EXIT
+PARTS=()
+
+# part NAME LIMIT OUTPUT COMMAND...: COMMAND under a time limit, its stdout to OUTPUT ("-": the log), its stderr to
+# the log; the exit status (124: the limit) and the seconds are recorded for the report.
+part() {
+  local name=$1 limit=$2 output=$3 start=$SECONDS rc
+  shift 3
+  [ "$output" = "-" ] && output="$LOG"
+  echo "== $name (limit ${limit} s): $*" >>"$LOG"
+  timeout "$limit" "$@" >>"$output" 2>>"$LOG"
+  rc=$?
+  echo "== $name: exit status $rc after $((SECONDS - start)) s" >>"$LOG"
+  PARTS+=("$name" "$rc" "$((SECONDS - start))")
+}
+
+setup() {
+  if ! "$PY" -c "import kornia" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SCRATCH/site" .whl/*.whl || return 1
+  fi
+  # Imported from outside the tree: from its root, "import diffaug" finds the sources without an install.
+  if ! (cd "$SCRATCH" && PYTHONPATH="$SCRATCH/site" "$PY" -c "import diffaug.priors; diffaug.priors.shipped_priors_dir()") \
+    2>/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e . || return 1
+  fi
+  PYTHONPATH="$SCRATCH/site" "$PY" -c "import diffaug, kornia, torch
+print('torch', torch.__version__, 'kornia', kornia.__version__, 'cuda', torch.cuda.is_available())"
+}
+start=$SECONDS
+echo "== setup" >>"$LOG"
+setup >>"$LOG" 2>&1
+PARTS+=(setup "$?" "$((SECONDS - start))")
+export PYTHONPATH="$SCRATCH/site${PYTHONPATH:+:$PYTHONPATH}"
+
+if [ "$SMOKE" = 1 ]; then
+  EPOCH=(--images 64 --batch-size 32 --amp none bf16)
+  FIT=(--steps 2 --batch-size 4 --image-size 16)
+  SPEED=(--dtype float32 --shapes 4x40 --repeats 1)
+else
+  EPOCH=()
+  FIT=(--steps 200)
+  SPEED=(--dtype bfloat16 --quick)
 fi
+part cuda_tests 100 - "$PY" -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py
+part bench_epoch 90 - "$PY" benchmarks/bench_epoch.py --device "$DEVICE" --out "$SCRATCH/epochs.json" "${EPOCH[@]}"
+part fit_priors 60 - "$PY" -m diffaug fit-priors --ops Rotate Brightness --refine-iterations 0 --device "$DEVICE" \
+  --out "$SCRATCH/priors" "${FIT[@]}"
+part bench_speed 190 "$OUT/bench_speed.txt" "$PY" benchmarks/bench_speed.py --device "$DEVICE" "${SPEED[@]}"
 
-timeout 120 "$PY" -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py >"$OUT/cuda_tests.log" 2>&1
-echo "{\"cuda_tests_rc\": $?}" >"$OUT/cuda_tests.json"
+"$PY" - "$OUT/report.json" "$SCRATCH/epochs.json" "${PARTS[@]}" <<'PYTHON'
+import json, os, sys
 
-timeout 90 "$PY" - "$OUT" >"$OUT/epoch.log" 2>&1 <<'PYTHON'
-import json, sys, time
 import torch
-from torch.utils.data import DataLoader, TensorDataset
-from diffaug import PolicyAugmenter
-from diffaug.distill import Distiller
-from diffaug.distill.data import random_crop_flip
-from diffaug.distill.models import build_model
 
-report = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "epochs": {}}
-g = torch.Generator().manual_seed(0)
-data = TensorDataset(torch.rand(2048, 3, 32, 32, generator=g), torch.randint(0, 100, (2048,), generator=g))
-for amp in (None, "bf16", "fp16"):
-    torch.manual_seed(0)
-    teacher, student = build_model("resnet56", 100), build_model("resnet20", 100)
-    loader = DataLoader(data, batch_size=128, shuffle=True, generator=torch.Generator().manual_seed(0))
-    distiller = Distiller(teacher, student, PolicyAugmenter(), standard_augment=random_crop_flip, device="cuda",
-                          amp=amp, search_epochs=[0], progress=False)
-    torch.cuda.synchronize(); start = time.perf_counter()
-    history = distiller.fit(loader, 1)
-    torch.cuda.synchronize()
-    steps = len(history["search"]) + len(history["train"])
-    report["epochs"][str(amp)] = {"seconds": time.perf_counter() - start, "steps": steps,
-                                  "ms_per_step": 1e3 * (time.perf_counter() - start) / steps,
-                                  "final_loss": history["train"][-1]["loss"]}
-json.dump(report, open(f"{sys.argv[1]}/epoch.json", "w"), indent=1)
+out, epochs, parts = sys.argv[1], sys.argv[2], sys.argv[3:]
+report = {
+    "torch": torch.__version__,
+    "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device",
+    "parts": {name: {"exit_status": int(rc), "seconds": int(s)} for name, rc, s in zip(*[iter(parts)] * 3)},
+    "epochs": json.load(open(epochs))["epochs"] if os.path.exists(epochs) else None,
+}
+with open(out, "w") as file:
+    json.dump(report, file, indent=1)
 print(json.dumps(report, indent=1))
 PYTHON
-echo "{\"epoch_rc\": $?}" >"$OUT/epoch_rc.json"
-
-timeout 60 "$PY" -m diffaug fit-priors --ops Rotate Brightness --steps 200 --refine-iterations 0 --device cuda \
-  --out "$OUT/priors" >"$OUT/fit_priors.log" 2>&1
-echo "{\"fit_priors_rc\": $?}" >"$OUT/fit_priors.json"
-
-timeout 200 "$PY" benchmarks/bench_speed.py --device cuda --dtype bfloat16 --quick >"$OUT/bench_speed.txt" 2>"$OUT/bench_speed.log"
-echo "{\"bench_speed_rc\": $?}" >"$OUT/bench_speed.json"
-cat "$OUT"/*.json

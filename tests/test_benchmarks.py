@@ -3,6 +3,7 @@ a tiny problem, so that a change that breaks one shows in CI (their numbers come
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -19,10 +20,23 @@ def _run(script: str, *args: str) -> str:
     return result.stdout
 
 
-def test_bench_speed_smoke() -> None:
-    # At 4x3x40x40 compile=True runs eager (policy._CPU_LAYOUT), timed as candidates of their own beside both
-    # compiled layouts: every candidate and ratio the benchmark has on a CPU.
-    out = _run("bench_speed.py", "--shapes", "4x40", "--repeats", "1")
+def test_device_check_smoke(tmp_path: Path) -> None:
+    """The prepared GPU check, every part on the CPU at toy sizes: each part exits 0 and $OUT holds the three files
+    it names (the device tool brings back at most 8). Its bench_speed part is the benchmark's smoke run: at
+    4x3x40x40 compile=True runs eager (policy._CPU_LAYOUT), timed as candidates of their own beside both compiled
+    layouts, so every candidate and ratio the benchmark has on a CPU is printed."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "OUT": str(tmp_path), "DEVICE": "cpu",
+           "SMOKE": "1", "PYTHON": sys.executable}
+    result = subprocess.run(["bash", str(ROOT / "benchmarks" / "device_check.sh")], capture_output=True, text=True,
+                            env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["bench_speed.txt", "device_check.log", "report.json"]
+    report = json.loads((tmp_path / "report.json").read_text())
+    log = (tmp_path / "device_check.log").read_text()
+    assert {name: part["exit_status"] for name, part in report["parts"].items()} == dict.fromkeys(
+        ["setup", "cuda_tests", "bench_epoch", "fit_priors", "bench_speed"], 0), log[-3000:]
+    assert list(report["epochs"]) == ["none", "bf16"] and report["epochs"]["bf16"]["steps"] == 4  # 2 + 2 batches
+    out = (tmp_path / "bench_speed.txt").read_text()
     assert "== 4x3x40x40" in out and "composed / residual geometry" in out
     assert "eager* layout for eval forwards here, eager* for train steps" in out
     ops = [line.split()[-2] for line in out.splitlines() if line.strip().startswith("ours train fwd+bwd")]
