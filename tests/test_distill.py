@@ -88,8 +88,8 @@ def test_training_resumes_exactly_in_a_fresh_process(tmp_path: Path) -> None:
 
 def test_end_distributed_process_destroys_the_group_flushes_and_skips_finalisation(tmp_path: Path) -> None:
     """A one-rank gloo group, unflushed output on both streams and an atexit handler: the process must exit with
-    the code given, with both streams written out, the group destroyed first, and the handler not run (it is the
-    interpreter's finalisation that the helper skips)."""
+    the code given, having destroyed the group (a wrapped destroy_process_group prints) and written both streams
+    out, and without running the handler (it is the interpreter's finalisation that the helper skips)."""
     script = (
         "import atexit, sys, torch.distributed as dist\n"
         "from diffaug.distill import end_distributed_process\n"
