@@ -56,9 +56,10 @@ def end_distributed_process(code: int = 0) -> NoReturn:
     Why: with torch 2.13 a DistributedDataParallel wrapper leaves references to its process group behind (its
     constructor raised the group's reference count by 11 and deleting it lowered it by 1, gloo, measured), so no
     ``del`` frees the group and its threads are still running when the interpreter finalises. There they aborted
-    a worker that had written all its results ("terminate called without an active exception", SIGABRT: 1 run in
-    12 of the recipe's 2-rank test). ``os._exit`` runs no finaliser and no atexit handler: close or write your
-    files before (the Distiller writes its checkpoint and history atomically and closes them)."""
+    a worker that had written all its results ("terminate called without an active exception", SIGABRT: in CI, in
+    1 of 12 runs of the recipe's 2-rank test where it was counted; 0 of 25 on an idle machine).
+    ``os._exit`` runs no finaliser and no atexit handler: close or write your files before (the Distiller writes
+    its checkpoint and history atomically and closes them)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     sys.stdout.flush()
