@@ -57,13 +57,21 @@ def _page_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def dispatched_ops(fn: Callable[[], object]) -> int:
-    """aten ops one call dispatches, nested ones included (what a GPU would launch, give or take views)."""
-    from torch.profiler import profile
+def dispatched_ops(fn: Callable[[], object], on_gpu: bool = False) -> tuple[int, int | None]:
+    """aten ops one call dispatches, nested ones included (what a GPU would launch, give or take views), and on a
+    GPU the work the call runs there: kernels and copies, counted on the device, so that a compiled graph's Triton
+    kernels, launched without an aten op, count too."""
+    from torch.profiler import ProfilerActivity, profile
 
-    with profile() as prof:
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if on_gpu else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
         fn()
-    return sum(1 for event in prof.events() if event.name.startswith("aten::"))
+        if on_gpu:
+            torch.cuda.synchronize()
+    events = prof.events()
+    aten = sum(1 for event in events if event.name.startswith("aten::"))
+    gpu = sum(1 for event in events if event.device_type == torch.autograd.DeviceType.CUDA) if on_gpu else None
+    return aten, gpu
 
 
 class Measured(NamedTuple):
@@ -71,10 +79,11 @@ class Measured(NamedTuple):
     faults: float  # minor page faults per call
     ops: int  # dispatched aten ops per call
     cold_ms: float  # the first call
+    gpu_ops: int | None  # kernels and copies the GPU runs per call (None on a CPU)
 
 
 def timed(candidates: dict[str, Callable[[], object]], repeats: int, sync: Callable[[], None],
-          warmup: int = 3) -> dict[str, Measured]:
+          warmup: int = 3, on_gpu: bool = False) -> dict[str, Measured]:
     """Median milliseconds, page faults and dispatched ops per call of each candidate, run in turn round after
     round so that load on the (shared) machine falls on all of them alike; ``sync`` waits for the device."""
     cold = {}
@@ -85,7 +94,7 @@ def timed(candidates: dict[str, Callable[[], object]], repeats: int, sync: Calla
         cold[name] = 1e3 * (time.perf_counter() - start)
         for _ in range(warmup - 1):
             fn()
-    ops = {name: dispatched_ops(fn) for name, fn in candidates.items()}
+    ops = {name: dispatched_ops(fn, on_gpu) for name, fn in candidates.items()}
     sync()
     times: dict[str, list[float]] = {name: [] for name in candidates}
     faults = dict.fromkeys(candidates, 0)
@@ -97,7 +106,7 @@ def timed(candidates: dict[str, Callable[[], object]], repeats: int, sync: Calla
             sync()
             times[name].append(time.perf_counter() - start)
             faults[name] += _page_faults() - before
-    return {name: Measured(1e3 * statistics.median(t), faults[name] / repeats, ops[name], cold[name])
+    return {name: Measured(1e3 * statistics.median(t), faults[name] / repeats, ops[name][0], cold[name], ops[name][1])
             for name, t in times.items()}
 
 
@@ -179,8 +188,8 @@ def bench(batch: int, size: int, repeats: int, device: str = "cpu",
             "composed train fwd+bwd": train_step(composed),
             "composed + masks, boxes": train_step(copy.deepcopy(composed), masks=masks, boxes=boxes),
         }
-        sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-        return timed(candidates, repeats, sync)
+        on_gpu = device.startswith("cuda")
+        return timed(candidates, repeats, torch.cuda.synchronize if on_gpu else (lambda: None), on_gpu=on_gpu)
 
 
 def main() -> None:
@@ -208,9 +217,11 @@ def main() -> None:
         ours_fwd, ours_step = r["ours eval fwd (no grad)"], r["ours train fwd+bwd"]
         kornia = r["kornia RandAugment(n=2) fwd"]
         print(f"== {batch}x3x{size}x{size}")
-        print(f"  {'':<30} {'median':>8}   {'cold':>8}   {'aten ops':>8}   page faults")
+        gpu_column = f"   {'GPU ops':>8}" if on_gpu else ""  # kernels and copies run on the GPU
+        print(f"  {'':<30} {'median':>8}   {'cold':>8}   {'aten ops':>8}{gpu_column}   page faults")
         for name, m in measured.items():
-            print(f"  {name:<30} {m.ms:8.2f}   {m.cold_ms:8.1f}   {m.ops:8d}   {m.faults:6.0f}")
+            gpu_ops = f"   {m.gpu_ops:8d}" if on_gpu else ""
+            print(f"  {name:<30} {m.ms:8.2f}   {m.cold_ms:8.1f}   {m.ops:8d}{gpu_ops}   {m.faults:6.0f}")
         print(f"  ratio kornia RandAugment / ours (no-grad fwd, target >= 1.0): {kornia / ours_fwd:6.2f}")
         print(f"  ratio paper form / ours (fwd+bwd):                          {r['paper form train fwd+bwd'] / ours_step:6.2f}")
         # The machine's speed drifts by up to 1.5x between runs; a ratio of two times taken side by side drifts less.

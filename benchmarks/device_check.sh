@@ -10,7 +10,8 @@
 # It writes three files to $OUT (./device_report when unset; the device tool brings back at most 8):
 #   report.json        each part's exit status and seconds, torch and the device, the Distiller epochs
 #   bench_speed.txt    bench_speed.py's table: CUDA, bf16, 128x3x32x32 and 256x3x224x224, ours (eager and
-#                      compile=True) against kornia's RandAugment forward, dispatched ops per call, first calls
+#                      compile=True) against kornia's RandAugment forward, aten ops and GPU kernels per call,
+#                      first calls
 #   device_check.log   every part's output
 #
 # Parts: setup (the wheels into a temporary folder, the project itself without dependencies, offline); the tests
