@@ -82,15 +82,15 @@ def test_a_distiller_epoch_on_cuda(amp: str | None) -> None:
 
 
 # Last: its compilations are most of the device check's time for these tests; a time limit cuts it, not the others.
-@pytest.mark.parametrize("mode", [True, "reduce-overhead"])
-def test_compiled_augmenter_on_cuda_matches_eager_and_does_not_recompile(mode: bool | str,
+@pytest.mark.parametrize("mode,geometry", [(True, "residual"), ("reduce-overhead", "residual"), (True, "composed")])
+def test_compiled_augmenter_on_cuda_matches_eager_and_does_not_recompile(mode: bool | str, geometry: str,
                                                                          images: torch.Tensor) -> None:
     """compile=True on a GPU takes the static layout (every pair, no host sync, the forward one graph), and
     "reduce-overhead" replays it as CUDA graphs: the same generator gives the eager forward's images within 1e-5
     and its logit gradients within 1e-4 relative (the issue's bounds), in train and eval mode, on the warm-up batch
-    and on smaller ones (an epoch's last batch), which reuse the graphs."""
-    eager = PolicyAugmenter(seed=0, ops=SMOOTH_OPS, probability=0.7).cuda()
-    fast = PolicyAugmenter(seed=0, ops=SMOOTH_OPS, probability=0.7, compile=mode).cuda()
+    and on smaller ones (an epoch's last batch), which reuse the graphs; composed geometry too."""
+    eager = PolicyAugmenter(seed=0, ops=SMOOTH_OPS, probability=0.7, geometry=geometry).cuda()
+    fast = PolicyAugmenter(seed=0, ops=SMOOTH_OPS, probability=0.7, geometry=geometry, compile=mode).cuda()
     x = torch.cat([images, images.flip(3)]).cuda()
     assert fast._layout(x) == "static"
 
