@@ -82,10 +82,11 @@ class Measured(NamedTuple):
     gpu_ops: int | None  # kernels and copies the GPU runs per call (None on a CPU)
 
 
-def timed(candidates: dict[str, Callable[[], object]], repeats: int, sync: Callable[[], None],
-          warmup: int = 3, on_gpu: bool = False) -> dict[str, Measured]:
+def timed(candidates: dict[str, Callable[[], object]], repeats: int, on_gpu: bool = False,
+          warmup: int = 3) -> dict[str, Measured]:
     """Median milliseconds, page faults and dispatched ops per call of each candidate, run in turn round after
-    round so that load on the (shared) machine falls on all of them alike; ``sync`` waits for the device."""
+    round so that load on the (shared) machine falls on all of them alike; on a GPU each call is waited for."""
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
     cold = {}
     for name, fn in candidates.items():
         start = time.perf_counter()
@@ -188,8 +189,7 @@ def bench(batch: int, size: int, repeats: int, device: str = "cpu",
             "composed train fwd+bwd": train_step(composed),
             "composed + masks, boxes": train_step(copy.deepcopy(composed), masks=masks, boxes=boxes),
         }
-        on_gpu = device.startswith("cuda")
-        return timed(candidates, repeats, torch.cuda.synchronize if on_gpu else (lambda: None), on_gpu=on_gpu)
+        return timed(candidates, repeats, on_gpu=device.startswith("cuda"))
 
 
 def main() -> None:

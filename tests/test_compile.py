@@ -33,6 +33,22 @@ def _pair(layout: str = "gathered", **kwargs: object) -> tuple[PolicyAugmenter, 
     return PolicyAugmenter(seed=0, **kwargs), _compiled(layout=layout, **kwargs)
 
 
+def _gradients(module: PolicyAugmenter, out: torch.Tensor) -> list[torch.Tensor]:
+    """The logit gradients of a loss that weighs every pixel of ``out``. No gradient (None) where no drawn op reads a
+    logit, as zero: the paths may differ in what they leave None."""
+    (out * torch.linspace(0, 1, out.numel(), device=out.device).view_as(out)).sum().backward()
+    return [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in module.parameters()]
+
+
+def _assert_matches(eager: tuple[torch.Tensor, list[torch.Tensor]], fast: tuple[torch.Tensor, list[torch.Tensor]],
+                    atol: float, context: object = None) -> None:
+    """Outputs within ``atol``; gradients within 1e-4 relative to the gradient's size, as the issue asks."""
+    (out_e, grads_e), (out_f, grads_f) = eager, fast
+    assert (out_e - out_f).abs().max() <= atol, context
+    for g_e, g_f in zip(grads_e, grads_f, strict=True):
+        assert (g_e - g_f).norm() <= 1e-4 * g_e.norm() + 1e-9, context
+
+
 def _run(module: PolicyAugmenter, x: torch.Tensor, seed: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Output and logit gradients for the draw of ``seed`` (the same draw on both: equal logits, equal generator)."""
     for p in module.parameters():
@@ -41,17 +57,12 @@ def _run(module: PolicyAugmenter, x: torch.Tensor, seed: int) -> tuple[torch.Ten
     out = module.apply(x, sample)
     if not module.training:
         return out, []
-    (out * torch.linspace(0, 1, out.numel()).view_as(out)).sum().backward()  # a loss that weighs every pixel
-    # No gradient (None) where no drawn op reads a logit, as zero: the paths may differ in what they leave None.
-    return out.detach(), [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in module.parameters()]
+    return out.detach(), _gradients(module, out)
 
 
 def _close(eager: PolicyAugmenter, fast: PolicyAugmenter, x: torch.Tensor, atol: float) -> None:
     for seed in range(2):
-        (out_e, grads_e), (out_f, grads_f) = _run(eager, x, seed), _run(fast, x, seed)
-        assert (out_e - out_f).abs().max() <= atol
-        for g_e, g_f in zip(grads_e, grads_f, strict=True):  # relative to the gradient's size, as the issue asks
-            assert (g_e - g_f).norm() <= 1e-4 * g_e.norm() + 1e-9
+        _assert_matches(_run(eager, x, seed), _run(fast, x, seed), atol)
 
 
 @pytest.mark.slow
