@@ -39,13 +39,13 @@ Layout = Literal["eager", "static", "gathered"]  # see _Policy._layout
 # - static up to 2,048 pixels a channel (B * H * W), where a call's fixed cost outweighs the pixels: train steps
 #   2.40 / 1.28 / 1.09 at 16x3x8x8, 2.56 / 1.35 / 1.42 at 32x3x8x8, 2.75 / 1.60 / 2.14 at 64x3x8x8 (no-grad
 #   forwards cross later: static was still the fastest at 4x3x32x32, 1.09 / 0.97 / 0.78);
-# - above, train steps gather only on images of at most 32x32 and 49,152 pixels, and run eager otherwise:
-#   inductor's train-mode graphs cost more a pixel than eager (8x3x32x32: 2.43 / 2.13; 48x3x32x32: 5.70 / 5.73;
-#   128x3x32x32: 8.86 / 10.82; 4x3x64x64: 2.79 / 4.44; 4x3x224x224: 13.0 / 39.3);
+# - above, train steps gather on images of at most 32x32 and run eager otherwise (2026-12-07, the gathered
+#   backward recomputing its forward: 48x3x32x32 4.7 / 3.4, 128x3x32x32 8.8 / 7.0, 256x3x32x32 14.1 / 13.1,
+#   512x3x32x32 26.4 / 26.7; but 8x3x64x64 3.5 / 4.1, 32x3x64x64 9.2 / 10.3, 4x3x224x224 11.8 / 35.6);
 # - no-grad forwards gather on images of at most 32x32 or on 16 images and more, and run eager otherwise: on a few
 #   larger images the padding (every op at least two pairs) outweighs the fusion (4x3x64x64: 1.67 / 1.86; 8x3x96x96:
 #   1.89 / 2.02; 4x3x224x224: 3.04 / 8.83; but 16x3x96x96: 4.93 / 3.69; 128x3x32x32: 2.94 / 1.76).
-_CPU_LAYOUT = {"static_pixels": 2048, "gathered_image": 1024, "gathered_train_pixels": 49152, "gathered_batch": 16}
+_CPU_LAYOUT = {"static_pixels": 2048, "gathered_image": 1024, "gathered_batch": 16}
 
 _EXPORT_FORMAT = 1
 # The settings every format-1 dict holds; those added since (geometry, ignore_index) take their defaults if absent.
@@ -209,10 +209,12 @@ class _Policy(nn.Module):
         self.compile_mode = None if compile is False else ("default" if compile is True else compile)
         self._compiled: dict[str, Any] = {}
 
-    def _compiled_path(self, name: str, cuda_graphs: bool = True, dynamic: bool | None = None) -> Any:
+    def _compiled_path(self, name: str, cuda_graphs: bool = True, dynamic: bool | None = None,
+                       recompute: bool = False) -> Any:
         """The method ``name``, compiled in ``compile``'s mode on first use when that is set (without CUDA graphs
-        unless ``cuda_graphs``; ``dynamic`` as torch.compile takes it), else as it is (per instance: a copy compiles
-        its own)."""
+        unless ``cuda_graphs``; ``dynamic`` as torch.compile takes it; with ``recompute``, its backward recomputes
+        the forward from the inputs instead of saving what the forward computed), else as it is (per instance: a
+        copy compiles its own)."""
         if self.compile_mode is None:
             return getattr(self, name)
         if name not in self._compiled:
@@ -224,23 +226,26 @@ class _Policy(nn.Module):
                 # Every augmenter of a process shares the method's code, and each setting that changes the graph
                 # (ops, mode, grad mode, selection, sampling, a batch of one) adds one: dynamo's default limit of 8
                 # per code, a hard error with fullgraph, would fail a user's ninth setting. Storms are tested apart.
-                # Raised for these calls only, by hand: config.patch costs 25 us a call, this 4.
-                config = torch._dynamo.config
-                limit = config.recompile_limit
-                config.recompile_limit = max(limit, _RECOMPILE_LIMIT)
+                # Raised for these calls only, by hand: config.patch costs 25 us a call, this 4. The memory budget
+                # is read when a graph is partitioned into forward and backward, in the call that compiles it.
+                dynamo, functorch = torch._dynamo.config, torch._functorch.config
+                limit, budget = dynamo.recompile_limit, functorch.activation_memory_budget
+                dynamo.recompile_limit = max(limit, _RECOMPILE_LIMIT)
+                if recompute:
+                    functorch.activation_memory_budget = 0.0
                 try:
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")
                         return compiled(*args)
                 finally:
-                    config.recompile_limit = limit
+                    dynamo.recompile_limit, functorch.activation_memory_budget = limit, budget
 
             self._compiled[name] = quietly
         return self._compiled[name]
 
-    def _pixel_path(self, name: str = "_pixels", dynamic: bool | None = None) -> Any:
+    def _pixel_path(self, name: str = "_pixels", dynamic: bool | None = None, recompute: bool = False) -> Any:
         """``_pixels`` (or ``_draw_and_pixels``, ``_gathered_pixels``), compiled when ``compile`` is set."""
-        return self._compiled_path(name, dynamic=dynamic)
+        return self._compiled_path(name, dynamic=dynamic, recompute=recompute)
 
     def _layout(self, images: Tensor) -> Layout:
         """How the pixel path lays out the (image, op) pairs of ``images`` (B, C, H, W): "eager" (the drawn pairs, not
@@ -257,11 +262,7 @@ class _Policy(nn.Module):
             return "static"
         records = torch.is_grad_enabled() and any(t.requires_grad for t in (images, *self.parameters(recurse=False)))
         small = image <= _CPU_LAYOUT["gathered_image"]
-        if records:
-            gathered = small and batch * image <= _CPU_LAYOUT["gathered_train_pixels"]
-        else:
-            gathered = small or batch >= _CPU_LAYOUT["gathered_batch"]
-        return "gathered" if gathered else "eager"
+        return "gathered" if small or (not records and batch >= _CPU_LAYOUT["gathered_batch"]) else "eager"
 
     def _sample_path(self) -> Any:
         """``_draw_sample``, compiled when ``compile`` is set; never into CUDA graphs, which hand every call's outputs
@@ -431,7 +432,10 @@ class _Policy(nn.Module):
             else:
                 *drawn, table, op_counts = self._compiled_path("_draw_pairs", cuda_graphs=False)(sample)
             inputs: tuple[Tensor, ...] = (images, *drawn[1:], table.nonzero())
-            path, counts = self._pixel_path("_gathered_pixels", dynamic=True), (op_counts.tolist(),)
+            # Its backward recomputes the forward's pixels rather than reading them back: on a CPU, where this
+            # layout runs, that made a 128x3x32x32 train step 42 % faster (7.1 against 12.2 ms, 2026-12-07).
+            path = self._pixel_path("_gathered_pixels", dynamic=True, recompute=True)
+            counts = (op_counts.tolist(),)
         elif isinstance(sample, PolicySample):
             inputs = (images, sample.selected, sample.gates, sample.magnitudes, sample.positions)
             path = self._pixels if layout == "eager" else self._pixel_path()
@@ -580,7 +584,9 @@ class _Policy(nn.Module):
         # Output pixel q of op B samples the ops before it at L_B q + t_B, and those sample x at L_A (.) + t_A.
         for idx, op_l, op_t in zip(index.split(sizes), op_linear.split(sizes), op_shift.split(sizes), strict=True):
             if layout == "gathered":  # every image's map of this op: identity where not drawn (padding adds zero)
-                op_l = eye.expand(batch, 2, 2).index_add(0, idx, op_l - eye)
+                # Added to zeros, not to eye.expand(): inductor writes an index_add into an expanded tensor's one
+                # shared row (pytorch/pytorch#183986; torch 2.13 still does), giving every image the sum of maps.
+                op_l = eye + op_l.new_zeros(batch, 2, 2).index_add(0, idx, op_l - eye)
                 op_t = op_t.new_zeros(batch, 2).index_add(0, idx, op_t)
             if layout != "eager":  # every image has every op (identity where not drawn): no gather
                 linear, shift = linear @ op_l, (linear @ op_t.unsqueeze(2)).squeeze(2) + shift
@@ -794,11 +800,10 @@ class PolicyAugmenter(_Policy):
             fastest for its shape and grad mode: static for batches of at most 2,048 pixels a channel (B * H * W);
             the drawn pairs only, compiled with symbolic counts after one host sync (one graph for every batch size
             and draw), for no-grad calls on images of at most 32x32 or on 16 images and more, and for train steps
-            on images of at most 32x32 and 49,152 pixels; eager otherwise (see the README). The first call in each
-            layout compiles.
+            on images of at most 32x32; eager otherwise (see the README). The first call in each layout compiles.
             Equal to the eager path on the same sample within 1e-5 (1e-4 next to Solarize's threshold). On a CPU
             it compiles a call only where that measured faster than eager, and runs eager elsewhere (Stage II steps
-            on 128 images of 32 px, for example); the GPU layout is unmeasured on a GPU. With
+            on 224 px images, for example); the GPU layout is unmeasured on a GPU. With
             "reduce-overhead" the output lives in CUDA-graph memory that the next call overwrites (torch raises if
             it is read after that): ``.clone()`` what you keep across calls, such as two views of one batch.
 
@@ -856,10 +861,10 @@ class PolicyAugmenter(_Policy):
 
     _setting_names = (*_Policy._setting_names, "forward")
 
-    def _pixel_path(self, name: str = "_pixels", dynamic: bool | None = None) -> Any:
+    def _pixel_path(self, name: str = "_pixels", dynamic: bool | None = None, recompute: bool = False) -> Any:
         if self.compile_mode is not None:  # in eager: a compiled path reads the packed table as it is
             self._magnitude_nets.refresh()
-        return super()._pixel_path(name, dynamic)
+        return super()._pixel_path(name, dynamic, recompute)
 
     def _needs_encoders(self, magnitude: Tensor) -> bool:
         return self.forward_mode == "encoder" or (torch.is_grad_enabled() and magnitude.requires_grad)

@@ -207,7 +207,7 @@ def test_no_recompilation_after_warm_up(layout: str, images: torch.Tensor) -> No
 
 def test_layout_follows_the_device_the_shape_and_the_grad_mode() -> None:
     """Eager without compile. Compiled on a CPU (_CPU_LAYOUT): static up to 2,048 pixels a channel (B * H * W);
-    above, train steps gather on images of at most 32x32 and 49,152 pixels and run eager otherwise; no-grad calls
+    above, train steps gather on images of at most 32x32 and run eager otherwise; no-grad calls
     gather on images of at most 32x32 or on 16 images and more, and run eager otherwise. Static on any other device,
     whatever the shape."""
     assert PolicyAugmenter()._layout(torch.empty(128, 3, 32, 32)) == "eager"
@@ -220,12 +220,12 @@ def test_layout_follows_the_device_the_shape_and_the_grad_mode() -> None:
         return no_grad, fast._layout(images)
 
     assert layouts(8, 3, 8, 8) == layouts(2, 3, 32, 32) == ("static", "static")
-    assert layouts(3, 3, 32, 32) == layouts(128, 3, 8, 8) == layouts(48, 3, 32, 32) == ("gathered", "gathered")
-    assert layouts(49, 3, 32, 32) == layouts(16, 3, 96, 96) == layouts(32, 3, 224, 224) == ("gathered", "eager")
+    assert layouts(3, 3, 32, 32) == layouts(128, 3, 8, 8) == layouts(512, 3, 32, 32) == ("gathered", "gathered")
+    assert layouts(16, 3, 33, 33) == layouts(16, 3, 96, 96) == layouts(32, 3, 224, 224) == ("gathered", "eager")
     assert layouts(15, 3, 33, 33) == layouts(4, 3, 224, 224) == ("eager", "eager")
     fast.requires_grad_(False)  # a frozen policy records no graph, unless its images need a gradient
-    assert fast._layout(torch.empty(128, 3, 32, 32)) == "gathered"
-    assert fast._layout(torch.empty(128, 3, 32, 32, requires_grad=True)) == "eager"
+    assert fast._layout(torch.empty(16, 3, 96, 96)) == "gathered"
+    assert fast._layout(torch.empty(16, 3, 96, 96, requires_grad=True)) == "eager"
     assert fast._layout(torch.empty(4, 3, 224, 224, device="meta")) == "static"
 
 
