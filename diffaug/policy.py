@@ -227,18 +227,22 @@ class _Policy(nn.Module):
                 # (ops, mode, grad mode, selection, sampling, a batch of one) adds one: dynamo's default limit of 8
                 # per code, a hard error with fullgraph, would fail a user's ninth setting. Storms are tested apart.
                 # Raised for these calls only, by hand: config.patch costs 25 us a call, this 4. The memory budget
-                # is read when a graph is partitioned into forward and backward, in the call that compiles it.
+                # is read when a graph is partitioned into forward and backward, in the call that compiles it; 0
+                # saves only the graph's inputs. A torch without the setting saves what its partitioner chooses.
                 dynamo, functorch = torch._dynamo.config, torch._functorch.config
-                limit, budget = dynamo.recompile_limit, functorch.activation_memory_budget
+                limit = dynamo.recompile_limit
+                budget = getattr(functorch, "activation_memory_budget", None) if recompute else None
                 dynamo.recompile_limit = max(limit, _RECOMPILE_LIMIT)
-                if recompute:
+                if budget is not None:
                     functorch.activation_memory_budget = 0.0
                 try:
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")
                         return compiled(*args)
                 finally:
-                    dynamo.recompile_limit, functorch.activation_memory_budget = limit, budget
+                    dynamo.recompile_limit = limit
+                    if budget is not None:
+                        functorch.activation_memory_budget = budget
 
             self._compiled[name] = quietly
         return self._compiled[name]

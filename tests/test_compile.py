@@ -177,6 +177,31 @@ def test_compiled_calls_dispatch_a_bounded_number_of_ops(layout: str, images: to
 
 
 @pytest.mark.slow
+def test_gathered_backward_recomputes_its_forward_and_leaves_the_users_budget(images: torch.Tensor) -> None:
+    """Gathered, a train step's graph saves only its inputs for backward (it recomputes the rest, which measured
+    faster on a CPU): of the tensors autograd saves, one is as large as the batch, the images themselves, where the
+    default partitioner saves the pairs' gathered pixels (tried). The budget is set for our calls only: the user's
+    stays as it was."""
+    functorch_config = torch._functorch.config  # imported by torch._dynamo, above
+    before = functorch_config.activation_memory_budget
+    functorch_config.activation_memory_budget = 0.7  # a user's setting, which our calls must not keep
+    try:
+        fast = _compiled(layout="gathered")
+        saved: list[torch.Tensor] = []
+
+        def keep(tensor: torch.Tensor) -> torch.Tensor:
+            saved.append(tensor)
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+            fast(images).mean().backward()
+        assert [t.shape for t in saved if t.numel() >= images.numel()] == [images.shape]
+        assert functorch_config.activation_memory_budget == 0.7
+    finally:
+        functorch_config.activation_memory_budget = before
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", EVERY_LAYOUT)
 def test_no_recompilation_after_warm_up(layout: str, images: torch.Tensor) -> None:
     """After one train and one eval call (and one replay), other batch sizes (an epoch's last batch), mode
