@@ -39,9 +39,10 @@ Layout = Literal["eager", "static", "gathered"]  # see _Policy._layout
 # - static up to 2,048 pixels a channel (B * H * W), where a call's fixed cost outweighs the pixels: train steps
 #   2.40 / 1.28 / 1.09 at 16x3x8x8, 2.56 / 1.35 / 1.42 at 32x3x8x8, 2.75 / 1.60 / 2.14 at 64x3x8x8 (no-grad
 #   forwards cross later: static was still the fastest at 4x3x32x32, 1.09 / 0.97 / 0.78);
-# - above, train steps gather on images of at most 32x32 and run eager otherwise (2026-12-07, the gathered
+# - above, train steps gather on images of at most 32x32 and run eager otherwise (2026-12-07, two runs, the gathered
 #   backward recomputing its forward: 48x3x32x32 4.7 / 3.4, 128x3x32x32 8.8 / 7.0, 256x3x32x32 14.1 / 13.1,
-#   512x3x32x32 26.4 / 26.7; but 8x3x64x64 3.5 / 4.1, 32x3x64x64 9.2 / 10.3, 4x3x224x224 11.8 / 35.6);
+#   512x3x32x32 26.4 / 26.7; larger images at best even: 8x3x64x64 3.5 / 4.1 and 3.6 / 4.1, 32x3x64x64 9.2 / 10.3
+#   and 8.4 / 7.7, 16x3x224x224 39.6 / 50.2 and 42.8 / 43.4, 4x3x224x224 11.8 / 35.6);
 # - no-grad forwards gather on images of at most 32x32 or on 16 images and more, and run eager otherwise: on a few
 #   larger images the padding (every op at least two pairs) outweighs the fusion (4x3x64x64: 1.67 / 1.86; 8x3x96x96:
 #   1.89 / 2.02; 4x3x224x224: 3.04 / 8.83; but 16x3x96x96: 4.93 / 3.69; 128x3x32x32: 2.94 / 1.76).

@@ -232,9 +232,9 @@ def test_no_recompilation_after_warm_up(layout: str, images: torch.Tensor) -> No
 
 def test_layout_follows_the_device_the_shape_and_the_grad_mode() -> None:
     """Eager without compile. Compiled on a CPU (_CPU_LAYOUT): static up to 2,048 pixels a channel (B * H * W);
-    above, train steps gather on images of at most 32x32 and run eager otherwise; no-grad calls
-    gather on images of at most 32x32 or on 16 images and more, and run eager otherwise. Static on any other device,
-    whatever the shape."""
+    above, train steps gather on images of at most 32x32 and run eager otherwise; no-grad calls gather on images of
+    at most 32x32 or on 16 images and more, and run eager otherwise. Static on any other device, whatever the
+    shape."""
     assert PolicyAugmenter()._layout(torch.empty(128, 3, 32, 32)) == "eager"
     fast = PolicyAugmenter(compile=True)
 
