@@ -15,7 +15,10 @@ Protocol (README, "Does the search help?"):
   its initial student.
 - Arms: "student" (cross-entropy alone, no teacher); "kd" (Eq. 1 on cat([x, x])); "fixed" (KD on
   cat([x_hat, x]) with the 14 ops at the initial policy, no search); "randaugment" (the same with kornia's
-  RandAugment(n=2, m=10) as x_hat); "tst" (KD with Stage II searching the policy).
+  RandAugment(n=2, m=10) as x_hat); "tst" (KD with Stage II searching the policy, search_passes passes a
+  block); "tst-long" (the same with LONG_SEARCH_STEPS Stage II steps a block); "frozen" (tst-long's final policy
+  of the same seed, task, epochs and settings as a fixed policy from epoch 0, no search: is it the search during
+  training, or just a better fixed policy?); "pruned" (the initial policy without Invert and Solarize).
 
 Results go to --results (JSON, one record a run, rewritten atomically after each run); a killed run is resumed
 by rerunning the same command: finished runs are read back, not rerun. Every run measures its student on both
@@ -41,14 +44,20 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from diffaug import PolicyAugmenter
+from diffaug import OPS, PolicyAugmenter
 from diffaug.distill import Distiller
 from diffaug.distill import default_milestones
 from diffaug.distill.__main__ import standard_augment, train_teacher
 from diffaug.distill.data import Splits, small_models, task_splits
 from diffaug.files import write_atomic
 
-ARMS = ("student", "kd", "fixed", "randaugment", "tst")
+ARMS = ("student", "kd", "fixed", "randaugment", "tst", "tst-long", "frozen", "pruned")
+SEARCHING = ("tst", "tst-long")
+DEFAULT_ARMS = ("student", "kd", "fixed", "randaugment", "tst")  # the README's first tables
+# Stage II steps a block in "tst-long": the paper's one-pass ablation (Table 6, one CIFAR pass of 391 steps), where
+# a 400-step search on MNIST settled (DESIGN.md, 6b).
+LONG_SEARCH_STEPS = 400
+PRUNED = ("Invert", "Solarize")
 TASKS = ("mnist", "photos")
 # The settings a study may vary (--set NAME=V1,V2), with their defaults: the library's own, so that the table
 # measures what a user gets. search_passes is Stage II's length per block in passes over the training data.
@@ -64,7 +73,8 @@ BATCH, STUDENT_LR = 64, 0.05
 # Student epochs, from plain KD's validation curve (README, seed 0): at 80 the last fifth of training moves validation
 # accuracy by 0.3 (MNIST) and 0.2 points (photos); at 40 MNIST was still 2.6 points short of 80, the photos 1.7.
 EPOCHS = {"mnist": 80, "photos": 80}
-PAIRS = (("tst", "kd"), ("tst", "fixed"), ("fixed", "kd"), ("tst", "randaugment"), ("kd", "student"))
+PAIRS = (("tst", "kd"), ("tst", "fixed"), ("fixed", "kd"), ("tst", "randaugment"), ("kd", "student"),
+         ("tst-long", "fixed"), ("tst-long", "frozen"), ("tst-long", "kd"), ("tst-long", "tst"), ("pruned", "fixed"))
 RESULTS = Path(__file__).with_name("results") / "distill.json"
 # Two-sided 95 % quantiles of Student's t, by degrees of freedom (no scipy among the dependencies).
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
@@ -133,7 +143,17 @@ def train_student_alone(student: torch.nn.Module, loader: DataLoader, epochs: in
     return curve
 
 
-def setup(config: dict[str, Any], cache: Path) -> tuple[Splits, DataLoader, torch.nn.Module, Distiller | None]:
+def searched_logits(config: dict[str, Any], results: Path) -> dict[str, list[float]]:
+    """The final policy logits of the tst-long run that a frozen run replays (same task, seed, epochs, settings)."""
+    searched = {**config, "arm": "tst-long"}
+    for r in _load(results)["runs"]:
+        if _key(r["config"]) == _key(searched) and "logits" in r["result"]:
+            return r["result"]["logits"]
+    raise SystemExit(f"a frozen run needs its tst-long run in {results} first; run --arms tst-long for {searched}")
+
+
+def setup(config: dict[str, Any], cache: Path, results: Path
+          ) -> tuple[Splits, DataLoader, torch.nn.Module, Distiller | None]:
     """The seed's splits, data loader and initial student, and the arm's Distiller (None for the student alone)."""
     task, arm, seed, settings = config["task"], config["arm"], config["seed"], config["settings"]
     splits = task_splits(task, seed=seed)
@@ -147,21 +167,28 @@ def setup(config: dict[str, Any], cache: Path) -> tuple[Splits, DataLoader, torc
     elif arm == "randaugment":
         augmenter = KorniaRandAugment()
     else:
-        augmenter = PolicyAugmenter(magnitude_sampling=settings["magnitude_sampling"], n_ops=settings["n_ops"])
-    search = {"search_epochs": [] if arm != "tst" else None, "search_lr": settings["search_lr"],
-              "search_steps": settings["search_passes"] * len(loader), "alpha": settings["alpha"],
+        ops = [op for op in OPS if op not in PRUNED] if arm == "pruned" else None
+        augmenter = PolicyAugmenter(ops, magnitude_sampling=settings["magnitude_sampling"], n_ops=settings["n_ops"])
+        if arm == "frozen":
+            logits = searched_logits(config, results)
+            with torch.no_grad():
+                for name, values in logits.items():
+                    getattr(augmenter, name).copy_(torch.tensor(values))
+    steps = config.get("search_steps", settings["search_passes"] * len(loader))
+    search = {"search_epochs": None if arm in SEARCHING else [], "search_lr": settings["search_lr"],
+              "search_steps": steps, "alpha": settings["alpha"],
               "beta": settings["beta"]}
     distiller = Distiller(teacher, student, augmenter, standard_augment=standard_augment(task), lr=STUDENT_LR,
                           seed=seed, progress=False, **search)
     return splits, loader, student, distiller
 
 
-def run(config: dict[str, Any], cache: Path) -> dict[str, Any]:
+def run(config: dict[str, Any], cache: Path, results: Path) -> dict[str, Any]:
     """One arm of one seed; returns its final accuracy on the validation and the test split, and the validation
     curve. Both are measured so that a run chosen on validation need not be trained again for its test number;
     the tables and progress lines show only the split asked for."""
     started = time.perf_counter()
-    splits, loader, student, distiller = setup(config, cache)
+    splits, loader, student, distiller = setup(config, cache, results)
     record: dict[str, Any] = {}
     if distiller is None:
         curve = train_student_alone(student, loader, config["epochs"], config["task"], config["seed"], splits.validation)
@@ -171,9 +198,13 @@ def run(config: dict[str, Any], cache: Path) -> dict[str, Any]:
         curve = [e["val_accuracy"] for e in history["epochs"]]
         record["teacher_confidence"] = [e["teacher_confidence"] for e in history["epochs"]]
         record["teacher_confidence_clean"] = [e["teacher_confidence_clean"] for e in history["epochs"]]
-        if arm == "tst":
+        if arm in ("frozen", "pruned"):
+            record["policy"] = history["epochs"][-1]["policy"]
+        if arm in SEARCHING:
             record["policy"] = history["epochs"][-1]["policy"]
             record["search"] = [e["search"] for e in history["epochs"] if "search" in e]
+            record["logits"] = {name: getattr(distiller.augmenter, name).tolist()
+                                for name in ("probability_logits", "magnitude_logits")}
     record["validation_curve"] = curve
     record["validation"], record["test"] = curve[-1], accuracy(student, splits.test)
     record["seconds"] = round(time.perf_counter() - started, 1)
@@ -184,12 +215,12 @@ def _key(config: dict[str, Any]) -> str:
     return json.dumps(config, sort_keys=True)
 
 
-def _work(job: tuple[str, dict[str, Any], str]) -> tuple[str, dict[str, Any], dict[str, Any]]:
-    kind, config, cache = job
+def _work(job: tuple[str, dict[str, Any], str, str]) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    kind, config, cache, results = job
     torch.set_num_threads(1)
     if kind == "teacher":
         return kind, config, train_cached_teacher(config["task"], config["seed"], config["epochs"], Path(cache))
-    return kind, config, run(config, Path(cache))
+    return kind, config, run(config, Path(cache), Path(results))
 
 
 def _parse_epochs(values: list[str]) -> dict[str, list[int]]:
@@ -274,13 +305,13 @@ def report(runs: list[dict[str, Any]], split: str) -> str:
     """Markdown tables: per group (task, epochs, settings) the arms' mean +- std on ``split`` and the paired
     differences."""
     groups: dict[str, dict[str, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
-    policies: dict[str, list[dict[str, dict[str, float]]]] = defaultdict(list)
+    policies: dict[str, dict[str, list[dict[str, dict[str, float]]]]] = defaultdict(lambda: defaultdict(list))
     for r in runs:
         c = r["config"]
         group = json.dumps({k: c[k] for k in ("task", "epochs")} | {"settings": c["settings"]}, sort_keys=True)
         groups[group][c["arm"]][c["seed"]] = 100 * r["result"][split]
-        if "policy" in r["result"]:
-            policies[group].append(r["result"]["policy"])
+        if c["arm"] in SEARCHING and "policy" in r["result"]:
+            policies[group][c["arm"]].append(r["result"]["policy"])
     lines = []
     for group, arms in sorted(groups.items()):
         g = json.loads(group)
@@ -299,9 +330,9 @@ def report(runs: list[dict[str, Any]], split: str) -> str:
             seeds = sorted(set(arms[a]) & set(arms[b]))
             mean, half = paired_interval([arms[a][s] - arms[b][s] for s in seeds])
             lines.append(f"| {a} − {b} | {len(seeds)} | {mean:+.2f} [{mean - half:+.2f}, {mean + half:+.2f}] |")
-        if policies[group]:
-            moved = policy_movement(policies[group])
-            lines.append(f"\nHow far Stage II moved the policy from p = m = 0.5 (mean over seeds): largest |Δp| "
+        for arm, searched in policies[group].items():
+            moved = policy_movement(searched)
+            lines.append(f"\nHow far {arm}'s Stage II moved the policy from p = m = 0.5 (mean over seeds): largest |Δp| "
                          f"{moved['probability']:.3f}, largest |Δm| {moved['magnitude']:.3f}; "
                          f"most moved: {moved['ops']}")
     return "\n".join(lines + _settings_differences(groups))
@@ -332,7 +363,9 @@ def _settings_differences(groups: dict[str, dict[str, dict[int, float]]]) -> lis
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
-    parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
+    parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(DEFAULT_ARMS))
+    parser.add_argument("--long-search-steps", type=int, default=LONG_SEARCH_STEPS,
+                        help="Stage II steps a block in the tst-long arm, and so in frozen (default %(default)s)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--epochs", nargs="+", default=[f"{t}={e}" for t, e in EPOCHS.items()], metavar="[TASK=]E",
                         help="student epochs, for every task or per task (default %(default)s: from plain KD's "
@@ -347,7 +380,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="parallel processes, one thread each (default %(default)s)")
     args = parser.parse_args(argv)
     epochs = _parse_epochs(args.epochs)
+    if args.long_search_steps < 1:
+        raise SystemExit(f"--long-search-steps must be a positive number of steps; got {args.long_search_steps}")
+    # tst-long and frozen runs name their search length; the other arms' configs keep their first format.
+    long = {"search_steps": args.long_search_steps}
     configs = [{"task": t, "arm": a, "seed": s, "epochs": e, "teacher_epochs": args.teacher_epochs, "settings": settings}
+               | (long if a in ("tst-long", "frozen") else {})
                for t, s, settings, a in itertools.product(args.tasks, args.seeds, _parse_settings(args.settings), args.arms)
                for e in epochs.get(t, epochs.get("*", []))]
     stored = _load(args.results)
@@ -359,10 +397,13 @@ def main(argv: list[str] | None = None) -> int:
                 or not any(d == {**d, "task": t, "seed": s, "epochs": args.teacher_epochs} for d in stored["teachers"])]
     print(f"{len(configs) - len(pending)} of {len(configs)} runs already in {args.results}; "
           f"{len(teachers)} teachers and {len(pending)} runs to go", flush=True)
-    jobs = [("teacher", c, str(args.cache_dir)) for c in teachers]
+    jobs = [("teacher", c, str(args.cache_dir), str(args.results)) for c in teachers]
+    # A frozen run replays its tst-long run's policy, so it waits for the others.
+    runs = [("run", c, str(args.cache_dir), str(args.results)) for c in pending if c["arm"] != "frozen"]
+    frozen = [("run", c, str(args.cache_dir), str(args.results)) for c in pending if c["arm"] == "frozen"]
     context = multiprocessing.get_context("spawn")
     with context.Pool(args.jobs) as pool:
-        for phase in (jobs, [("run", c, str(args.cache_dir)) for c in pending]):  # teachers first, shared by arms
+        for phase in (jobs, runs, frozen):  # teachers first, shared by arms
             for count, (kind, config, result) in enumerate(pool.imap_unordered(_work, phase), 1):
                 _store(args.results, kind, config, result)
                 if kind == "teacher":

@@ -54,6 +54,21 @@ def test_smoke_run_of_every_arm_on_both_tasks_and_its_resume(tmp_path: Path) -> 
     test = _run(*args, "--split", "test")  # the same runs, their test numbers: nothing trained again
     assert "10 of 10 runs already" in test and "photos, 1 epochs, test accuracy" in test
 
+    # The dose arms: frozen replays the same seed's tst-long policy, pruned leaves out Invert and Solarize.
+    out = _run(*args, "--split", "validation", "--tasks", "mnist", "--arms", "tst-long", "frozen", "pruned",
+               "--long-search-steps", "3")
+    assert "0 teachers and 3 runs to go" in out and "| tst-long − frozen | 1 |" in out
+    runs = {r["config"]["arm"]: r for r in json.loads((tmp_path / "runs.json").read_text())["runs"]
+            if r["config"]["task"] == "mnist"}
+    assert runs["tst-long"]["config"]["search_steps"] == 3 == runs["frozen"]["config"]["search_steps"]
+    assert set(runs["tst-long"]["result"]["logits"]) == {"probability_logits", "magnitude_logits"}
+    block = runs["tst-long"]["result"]["search"][0]
+    assert {"max_dp", "max_dm", "teacher_accuracy", "grad_cosine"} <= set(block)
+    assert "search" not in runs["frozen"]["result"] and "search" not in runs["pruned"]["result"]
+    assert runs["frozen"]["result"]["policy"] == runs["tst-long"]["result"]["policy"]
+    assert runs["tst-long"]["result"]["policy"] != runs["pruned"]["result"]["policy"]
+    assert set(runs["pruned"]["result"]["policy"]) == {*runs["tst-long"]["result"]["policy"]} - {"Invert", "Solarize"}
+
 
 def test_records_of_the_first_format_are_read_as_one_split() -> None:
     old = {"config": {"task": "mnist", "arm": "kd", "seed": 0, "split": "validation"},

@@ -349,3 +349,49 @@ def test_stage_three_takes_dkd_dist_or_a_callable_as_its_distillation_term() -> 
         Distiller(*small_models(1, 10), torch.nn.Identity(), kd="crd", search_epochs=[])
     with pytest.raises(DiffAugError, match="optimiser must return a torch.optim.Optimizer"):
         Distiller(*small_models(1, 10), torch.nn.Identity(), optimiser=lambda p: None, search_epochs=[])
+
+
+def test_search_diagnostics_measure_both_terms_and_leave_the_step_unchanged() -> None:
+    """Every k-th Stage II step records the norms of Eq. 2's two gradients and their cosine, checked here against
+    gradients taken one term at a time; the policy after a block is bit-identical with and without them."""
+    train, _ = mnist5k(train_size=40)
+    loader = DataLoader(train, batch_size=20, shuffle=True, generator=torch.Generator())
+    logits = {}
+    for every in (0, 2):
+        teacher, student = small_models(1, 10, seed=0)
+        distiller = Distiller(teacher, student, PolicyAugmenter(), search_epochs=[0], search_steps=4,
+                              search_diagnostics=every, progress=False)
+        history = distiller.fit(loader, 1)
+        logits[every] = distiller.augmenter.probability_logits.detach().clone()
+        measured = [r for r in history["search"] if "grad_cosine" in r]
+        assert len(measured) == (0 if every == 0 else 2)  # steps 0 and 2 of 4
+        block = history["epochs"][0]["search"]
+        assert 0 <= block["teacher_accuracy"] <= 1 and 0 < block["teacher_confidence"] < 1
+        assert block["max_dp"] > 0 and block["max_dm"] > 0  # four SGD steps moved the policy
+    assert torch.equal(logits[0], logits[2])
+    for record in measured:
+        assert record["grad_norm_teacher"] > 0 and record["grad_norm_student"] > 0
+        assert -1 <= record["grad_cosine"] <= 1
+
+    # The recorded numbers are those of the two terms' own gradients on the same draw.
+    teacher, student = small_models(1, 10, seed=0)
+    augmenter = PolicyAugmenter()
+    distiller = Distiller(teacher, student, augmenter, search_epochs=[0], search_diagnostics=1, progress=False)
+    x, y = next(iter(DataLoader(train, batch_size=20)))
+    state = distiller.generator.get_state()
+    record = distiller.search_step(x, y)
+    from diffaug.distill.objective import tst_terms
+
+    augmenter_copy = PolicyAugmenter()  # the logits before the step
+    augmenter.train()
+    x_hat = augmenter_copy.train()(x, generator=torch.Generator().set_state(state))
+    teacher_term, student_term = tst_terms(teacher(x_hat), student.eval()(x_hat), y)
+    params = list(augmenter_copy.parameters())
+    g_t = torch.cat([g.flatten() for g in torch.autograd.grad(teacher_term, params, retain_graph=True)])
+    g_s = torch.cat([g.flatten() for g in torch.autograd.grad(student_term, params)])
+    # float32 sums over the same graph in another order: a relative 1e-4 covers the rounding.
+    assert record["grad_norm_teacher"] == pytest.approx(float(g_t.norm()), rel=1e-4)
+    assert record["grad_norm_student"] == pytest.approx(float(g_s.norm()), rel=1e-4)
+    assert record["grad_cosine"] == pytest.approx(float(F.cosine_similarity(g_t, g_s, dim=0)), abs=1e-4)
+    with pytest.raises(DiffAugError, match=r"search_diagnostics must be an int >= 0.*got -1"):
+        Distiller(*small_models(1, 10), PolicyAugmenter(), search_diagnostics=-1)

@@ -25,6 +25,7 @@ from typing import Any, Literal, NoReturn
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import DiffAugError
@@ -97,6 +98,40 @@ def _normalisation(mean: Sequence[float] | None, std: Sequence[float] | None,
     return mean_t.view(1, -1, 1, 1), std_t.view(1, -1, 1, 1)
 
 
+def _term_gradients(teacher_term: Tensor, student_term: Tensor, params: list[nn.Parameter]) -> dict[str, float]:
+    """The norms of Eq. 2's two terms' gradients on the policy logits and the cosine between them: whether the
+    search follows the teacher (keep views it gets right) or the student (find views it gets wrong). Measured on
+    a graph that is kept for the step's own gradient, so the step is the same with or without it."""
+    def flat(term: Tensor) -> Tensor:
+        grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+        return torch.cat([(torch.zeros_like(p) if g is None else g.float()).flatten() for p, g in zip(params, grads)])
+
+    teacher, student = flat(teacher_term), flat(student_term)
+    cosine = F.cosine_similarity(teacher, student, dim=0, eps=1e-30)
+    return {"grad_norm_teacher": teacher.norm().item(), "grad_norm_student": student.norm().item(),
+            "grad_cosine": cosine.item()}
+
+
+def _search_summary(before: dict[str, dict[str, float]] | None, records: list[dict[str, Any]]) -> dict[str, float]:
+    """A search block in a few numbers: the mean of each logged quantity over its steps, and how far it moved the
+    policy (the largest change of any probability, ``max_dp``, and of any magnitude, ``max_dm``)."""
+    if not records:
+        return {}
+    summary = {k: float(np.mean([r[k] for r in records if k in r])) for k in records[0] if k in _SEARCH_LOGGED}
+    summary |= {k: float(np.mean([r[k] for r in records if k in r])) for k in _GRADIENT_LOGGED
+                if any(k in r for r in records)}
+    if before is not None:
+        after = records[-1]["policy"]
+        for key, name in (("probability", "max_dp"), ("magnitude", "max_dm")):
+            summary[name] = max((abs(after[op][key] - before[op][key]) for op in before if key in before[op]),
+                                default=0.0)
+    return summary
+
+
+_SEARCH_LOGGED = ("teacher_ce", "student_term", "teacher_accuracy", "teacher_confidence")
+_GRADIENT_LOGGED = ("grad_norm_teacher", "grad_norm_student", "grad_cosine")
+
+
 def _numpy_state() -> list[Any]:
     kind, keys, position, has_gauss, cached = np.random.get_state()
     return [kind, keys.tolist(), int(position), int(has_gauss), float(cached)]
@@ -134,6 +169,8 @@ class Distiller:
         search_steps: Stage II steps per search block (default: one whole pass over the data; more than a pass
             runs several passes, each in its own seeded order).
         search_lr, search_momentum: Stage II SGD on the augmenter's logits.
+        search_diagnostics: every this many Stage II steps, also record the norms of Eq. 2's two terms' gradients
+            and their cosine (two extra backward passes; 0 never). The step itself is unchanged.
         alpha, beta: weights of Eq. 2; temperature, w_ce, w_kl: weights of Eq. 1.
         kd: Stage III's distillation term next to w_ce CE: "kd" (Eq. 1's tau^2 KL), "dkd" (Decoupled KD) or
             "dist" (DIST), at ``temperature``; or a callable ``kd(student_logits, teacher_logits, targets)``.
@@ -169,6 +206,7 @@ class Distiller:
         search_steps: int | None = None,
         search_lr: float = 0.01,
         search_momentum: float = 0.9,
+        search_diagnostics: int = 4,
         alpha: float = 1.0,
         beta: float = 1.0,
         temperature: float = 4.0,
@@ -238,6 +276,11 @@ class Distiller:
             self.augmenter.parameters(), lr=search_lr, momentum=search_momentum) if self.searchable else None
         self.milestones, self.gamma = milestones, gamma
         self.search_epochs, self.search_steps = search_epochs, search_steps
+        if not isinstance(search_diagnostics, int) or isinstance(search_diagnostics, bool) or search_diagnostics < 0:
+            raise DiffAugError(f"search_diagnostics must be an int >= 0 (every how many Stage II steps; 0 never); "
+                               f"got {search_diagnostics!r}")
+        self.search_diagnostics = search_diagnostics
+        self.search_step_count = 0
         self.alpha, self.beta = alpha, beta
         self.temperature, self.w_ce, self.w_kl = temperature, w_ce, w_kl
         self.kd = logit_kd(kd, temperature)
@@ -313,6 +356,11 @@ class Distiller:
             loss = self.alpha * teacher_ce + self.beta * student_term  # Eq. 2, as tst_loss, terms kept for the log
         self._check_finite(loss, "Stage II (search)")
         params = list(self.augmenter.parameters())
+        record = {"loss": loss.item(), "teacher_ce": teacher_ce.item(), "student_term": student_term.item(),
+                  **self._teacher_on(teacher_out, y_hat)}
+        if self.search_diagnostics and self.search_step_count % self.search_diagnostics == 0:
+            record.update(_term_gradients(teacher_ce, student_term, params))
+        self.search_step_count += 1
         grads = torch.autograd.grad(self.search_scaler.scale(loss), params, allow_unused=True)
         for p, g in zip(params, grads, strict=True):
             p.grad = torch.zeros_like(p) if g is None else g.float()
@@ -323,7 +371,16 @@ class Distiller:
         self.search_scaler.step(self.search_optimiser)
         self.search_scaler.update()
         self.search_optimiser.zero_grad(set_to_none=True)
-        return {"loss": loss.item(), "teacher_ce": teacher_ce.item(), "student_term": student_term.item()}
+        return record
+
+    @torch.no_grad()
+    def _teacher_on(self, teacher_out: Any, targets: Any) -> dict[str, float]:
+        """The teacher's accuracy and mean probability of the true class on x_hat: how well the searched views
+        stay within what the teacher handles (the first term of Eq. 2)."""
+        logits, labels, _ = self.task.class_scores(teacher_out, targets)
+        probabilities = logits.float().softmax(1)
+        return {"teacher_accuracy": (probabilities.argmax(1) == labels).float().mean().item(),
+                "teacher_confidence": probabilities.gather(1, labels[:, None]).mean().item()}
 
     def train_step(self, x: Tensor, y: Any) -> dict[str, float]:
         """One Stage III step: KD (Eq. 1) on cat([x_hat, x]), x_hat drawn from the policy without gradients.
@@ -452,10 +509,10 @@ class Distiller:
             for group in self.optimiser.param_groups:
                 group["lr"] = group["initial_lr"] * self._lr_factor(self.epoch, milestones)
             if self.epoch in searches:
+                before = self._policy()
                 records = self._search_block(train_loader)
                 self.history["search"] += records
-                epoch_record["search"] = {k: float(np.mean([r[k] for r in records]))
-                                          for k in ("teacher_ce", "student_term")} if records else {}
+                epoch_record["search"] = _search_summary(before, records)
             self._epoch_order(train_loader, self.epoch)
             records = []
             steps = len(train_loader) if hasattr(train_loader, "__len__") else 0
@@ -501,6 +558,7 @@ class Distiller:
             "search_scaler": self.search_scaler.state_dict(),
             "epoch": self.epoch,
             "step": self.step,
+            "search_step": self.search_step_count,
             "iteration": self.iteration,
             "history": json.dumps(self.history),
             "rng": self._rng_state(),
@@ -536,6 +594,7 @@ class Distiller:
         self.scaler.load_state_dict(state["scaler"])
         self.search_scaler.load_state_dict(state.get("search_scaler", {}))
         self.epoch, self.step, self.iteration = int(state["epoch"]), int(state["step"]), int(state["iteration"])
+        self.search_step_count = int(state.get("search_step", 0))
         self.history = json.loads(state["history"])
         # Under DDP every rank resumes its own streams (its policy draws differ from the others'); a run resumed
         # on another number of ranks takes rank 0's, offset as a fresh run's are.
