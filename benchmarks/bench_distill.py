@@ -79,6 +79,11 @@ RESULTS = Path(__file__).with_name("results") / "distill.json"
 # Two-sided 95 % quantiles of Student's t, by degrees of freedom (no scipy among the dependencies).
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093, 20: 2.086}
+# One-sided 95 % quantiles (the 90 % two-sided interval of the equivalence test), by degrees of freedom.
+T95 = {1: 6.314, 2: 2.920, 3: 2.353, 4: 2.132, 5: 2.015, 6: 1.943, 7: 1.895, 8: 1.860, 9: 1.833, 10: 1.812,
+       11: 1.796, 12: 1.782, 13: 1.771, 14: 1.761, 15: 1.753, 16: 1.746, 17: 1.740, 18: 1.734, 19: 1.729, 20: 1.725}
+# The dose experiment's pre-registered equivalence margin, in points of accuracy (README).
+EQUIVALENCE_MARGIN = 0.5
 
 
 class KorniaRandAugment(torch.nn.Module):
@@ -247,12 +252,22 @@ def _parse_settings(pairs: list[str]) -> list[dict[str, Any]]:
     return [{**DEFAULTS, **dict(zip(names, values))} for values in itertools.product(*(grid[n] for n in names))]
 
 
-def paired_interval(differences: list[float]) -> tuple[float, float]:
-    """Mean of paired differences and the half-width of its 95 % t-interval."""
+def paired_interval(differences: list[float], quantiles: dict[int, float] = T975) -> tuple[float, float]:
+    """Mean of paired differences and the half-width of its t-interval (95 % two-sided by default)."""
     mean = statistics.mean(differences)
     if len(differences) < 2:
         return mean, math.nan
-    return mean, T975.get(len(differences) - 1, 1.96) * statistics.stdev(differences) / math.sqrt(len(differences))
+    normal = 1.96 if quantiles is T975 else 1.645
+    return mean, quantiles.get(len(differences) - 1, normal) * statistics.stdev(differences) / math.sqrt(len(differences))
+
+
+def equivalence(differences: list[float], margin: float = EQUIVALENCE_MARGIN) -> str:
+    """Two one-sided t-tests at 5 % each: "equivalent" when the 90 % interval lies inside (-margin, +margin)."""
+    mean, half = paired_interval(differences, T95)
+    if math.isnan(half):
+        return "n/a"
+    inside = -margin < mean - half and mean + half < margin
+    return f"{'equivalent' if inside else 'not shown'} (90 % [{mean - half:+.2f}, {mean + half:+.2f}])"
 
 
 def policy_movement(policies: list[dict[str, dict[str, float]]]) -> dict[str, Any]:
@@ -325,11 +340,14 @@ def report(runs: list[dict[str, Any]], split: str) -> str:
                 lines.append(f"| {arm} | {len(values)} | {statistics.mean(values):.2f} ± {std:.2f} |")
         pairs = [(a, b) for a, b in PAIRS if a in arms and b in arms]
         if pairs:
-            lines += ["| paired difference | seeds | mean [95 % interval] |", "|---|---|---|"]
+            lines += [f"| paired difference | seeds | mean [95 % interval] | within ±{EQUIVALENCE_MARGIN}? |",
+                      "|---|---|---|---|"]
         for a, b in pairs:
             seeds = sorted(set(arms[a]) & set(arms[b]))
-            mean, half = paired_interval([arms[a][s] - arms[b][s] for s in seeds])
-            lines.append(f"| {a} − {b} | {len(seeds)} | {mean:+.2f} [{mean - half:+.2f}, {mean + half:+.2f}] |")
+            differences = [arms[a][s] - arms[b][s] for s in seeds]
+            mean, half = paired_interval(differences)
+            lines.append(f"| {a} − {b} | {len(seeds)} | {mean:+.2f} [{mean - half:+.2f}, {mean + half:+.2f}] | "
+                         f"{equivalence(differences)} |")
         for arm, searched in policies[group].items():
             moved = policy_movement(searched)
             lines.append(f"\nHow far {arm}'s Stage II moved the policy from p = m = 0.5 (mean over seeds): largest |Δp| "

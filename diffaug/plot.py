@@ -23,8 +23,8 @@ from .fit import FIDELITY_TARGETS
 from .ops import MAGNITUDE_OPS, apply_op, get_op
 from .policy import _Policy
 
-__all__ = ["plot_policy_history", "plot_policy", "plot_teacher_confidence", "show_ops", "show_augmented",
-           "plot_fit_report"]
+__all__ = ["plot_policy_history", "plot_policy", "plot_teacher_confidence", "plot_search_diagnostics", "show_ops",
+           "show_augmented", "plot_fit_report"]
 
 
 def _load_json(source: Mapping[str, Any] | str | PathLike, what: str) -> Mapping[str, Any]:
@@ -126,6 +126,50 @@ def plot_policy(policy: _Policy | Mapping[str, Mapping[str, float]], ax: Axes | 
     ax.set_xticks(list(positions), names, rotation=45, ha="right")
     ax.set(ylim=(0, 1), title="policy")
     ax.legend()
+    return fig, ax
+
+
+def plot_search_diagnostics(
+    history: Mapping[str, Any] | str | PathLike, ax: Sequence[Axes] | None = None
+) -> tuple[Figure, Sequence[Axes]]:
+    """What Stage II did, step by step: Eq. 2's two terms; the teacher's accuracy and mean probability of the true
+    class on x_hat; and the norms of the two terms' gradients on the policy logits with the cosine between them
+    (measured every ``search_diagnostics`` steps). A cosine near -1 with the teacher's norm far above the student's
+    means the search mostly follows the teacher: it removes views the teacher fails on rather than finding what the
+    student lacks. ``history`` is ``Distiller.fit``'s return value or its JSON file."""
+    records = _load_json(history, "history").get("search")
+    if not records or "teacher_accuracy" not in records[0]:
+        raise DiffAugError("history must be a Distiller history with Stage II steps that record 'teacher_accuracy'; "
+                           f"got {'no Stage II steps' if not records else 'keys ' + str(list(records[0]))}")
+    if ax is None:
+        fig, ax = plt.subplots(1, 3, figsize=(14, 3.6), layout="constrained")
+    else:
+        fig = ax[0].figure
+    steps = list(range(1, len(records) + 1))
+    terms, teacher, gradients = ax
+    terms.plot(steps, [r["teacher_ce"] for r in records], label="teacher CE (alpha term)")
+    terms.plot(steps, [r["student_term"] for r in records], label="-log(1 - p_S[y]) (beta term)")
+    terms.set(title="Eq. 2's terms", xlabel="Stage II step", ylabel="loss")
+    teacher.plot(steps, [r["teacher_accuracy"] for r in records], label="accuracy")
+    teacher.plot(steps, [r["teacher_confidence"] for r in records], label="mean p_T(y)")
+    teacher.set(title="teacher on x_hat", xlabel="Stage II step", ylim=(0, 1.02))
+    measured = [(step, r) for step, r in zip(steps, records, strict=True) if "grad_cosine" in r]
+    if measured:
+        at = [step for step, _ in measured]
+        gradients.semilogy(at, [r["grad_norm_teacher"] for _, r in measured], label="|grad| teacher term")
+        gradients.semilogy(at, [r["grad_norm_student"] for _, r in measured], label="|grad| student term")
+        cosine = gradients.twinx()
+        cosine.plot(at, [r["grad_cosine"] for _, r in measured], color="black", linestyle=":", label="cosine")
+        cosine.set(ylim=(-1.05, 1.05), ylabel="cosine")
+        cosine.legend(fontsize="small", loc="lower right")
+    gradients.set(title="gradients on the policy logits", xlabel="Stage II step")
+    for axis in ax:
+        axis.legend(fontsize="small")
+    # Steps of one block are consecutive; a new block starts where the epoch changes.
+    for step, (before, after) in enumerate(zip(records, records[1:]), start=1):
+        if after["epoch"] != before["epoch"]:
+            for axis in ax:
+                axis.axvline(step + 0.5, color="grey", linewidth=0.8)
     return fig, ax
 
 

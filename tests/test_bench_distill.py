@@ -77,6 +77,14 @@ def test_records_of_the_first_format_are_read_as_one_split() -> None:
                                       "result": {"validation": 0.9, "seconds": 1.0}}
 
 
+def test_equivalence_is_two_one_sided_tests_at_the_margin() -> None:
+    bench = _bench()
+    # mean 0.125, sd 0.0957, n = 4: 90 % half-width 2.353 * 0.0957 / 2 = 0.113, inside (-0.5, 0.5).
+    assert bench.equivalence([0.0, 0.1, 0.2, 0.2]) == "equivalent (90 % [+0.01, +0.24])"
+    assert bench.equivalence([0.45, 0.55, 0.5, 0.5]).startswith("not shown")  # the interval crosses +0.5
+    assert bench.equivalence([1.0]) == "n/a"
+
+
 def test_paired_interval_is_the_t_interval_of_the_differences() -> None:
     bench = _bench()
     differences = [1.0, 2.5, -0.5, 3.0, 1.5]
@@ -117,5 +125,6 @@ def test_report_pairs_arms_and_settings_by_seed() -> None:
     runs += [record("tst", s, 0.92 + 0.01 * s, search_lr=0.1) for s in range(3)]
     text = bench.report(runs, "validation")
     # tst - kd per seed: +1.0, +1.1, +1.2 points; mean +1.1, interval 4.303 * 0.1 / sqrt(3) = 0.25 wide each side.
-    assert "| tst − kd | 3 | +1.10 [+0.85, +1.35] |" in text
+    # The 90 % interval for the equivalence test: 2.920 * 0.1 / sqrt(3) = 0.17 each side, outside +-0.5.
+    assert "| tst − kd | 3 | +1.10 [+0.85, +1.35] | not shown (90 % [+0.93, +1.27]) |" in text
     assert "| mnist | tst | {'search_lr': 0.1} − default | 3 | +0.90 [+0.65, +1.15] |" in text

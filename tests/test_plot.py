@@ -16,8 +16,8 @@ from torch.utils.data import DataLoader
 from diffaug import DiffAugError, PolicyAugmenter
 from diffaug.distill import Distiller
 from diffaug.distill.data import mnist5k, small_models
-from diffaug.plot import (plot_fit_report, plot_policy, plot_policy_history, plot_teacher_confidence,
-                          show_augmented, show_ops)
+from diffaug.plot import (plot_fit_report, plot_policy, plot_policy_history, plot_search_diagnostics,
+                          plot_teacher_confidence, show_augmented, show_ops)
 from diffaug.priors import shipped_priors_dir
 
 
@@ -69,6 +69,21 @@ def test_teacher_confidence_per_epoch(history: dict, tmp_path: Path) -> None:
     assert [line.get_label() for line in ax.lines][::2] == ["WRN-40-2, on x_hat", "from file, on x_hat"]
     with pytest.raises(DiffAugError, match=r"history 'old' must be a Distiller history whose epochs record"):
         plot_teacher_confidence({"old": {"epochs": [{"epoch": 0}]}})
+
+
+def test_search_diagnostics_per_stage_two_step(history: dict, tmp_path: Path) -> None:
+    fig, (terms, teacher, gradients) = plot_search_diagnostics(history)
+    assert isinstance(fig, Figure)
+    assert list(terms.lines[0].get_ydata()) == [r["teacher_ce"] for r in history["search"]]
+    assert list(teacher.lines[0].get_ydata()) == [r["teacher_accuracy"] for r in history["search"]]
+    # Gradients are measured every 4th step by default: steps 1 and 5 of the 6 (3 a block, the count runs on).
+    assert list(gradients.lines[0].get_xdata()) == [1, 5]
+    assert len([line for line in terms.lines if line.get_xdata()[0] == 3.5]) == 1  # the line between the blocks
+    path = tmp_path / "history.json"
+    path.write_text(json.dumps(history))
+    plot_search_diagnostics(path)[0].savefig(tmp_path / "search.png")
+    with pytest.raises(DiffAugError, match=r"history must be a Distiller history with Stage II steps"):
+        plot_search_diagnostics({"search": [], "epochs": []})
 
 
 def test_policy_bars() -> None:
