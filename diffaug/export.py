@@ -303,11 +303,10 @@ class KorniaPolicy(nn.Module):
         self.ops = tuple(ops)
         self.n_ops = int(description["n_ops"])
         strengths = [ops[n]["effective_strength"] for n in self.ops]
-        self.uniform = tuple(s["kind"] == "uniform" for s in strengths)
         self.register_buffer("probability", torch.tensor([ops[n]["effective_probability"] for n in self.ops]))
         self.register_buffer("strength", torch.tensor([s.get("value", s.get("high")) for s in strengths]))
         self.register_buffer("signed", torch.tensor([ops[n]["signed"] for n in self.ops]))
-        self.register_buffer("uniform_mask", torch.tensor(self.uniform))
+        self.register_buffer("uniform", torch.tensor([s["kind"] == "uniform" for s in strengths]))
         self._erase: nn.Module | None = None
         if "Cutout" in self.ops:
             import kornia
@@ -322,14 +321,14 @@ class KorniaPolicy(nn.Module):
         batch, k = images.shape[0], len(self.ops)
         device = self.probability.device
 
-        def uniform() -> Tensor:
+        def noise() -> Tensor:
             return torch.rand(batch, k, generator=generator, device=generator.device if generator else device).to(device)
 
-        chosen = uniform().topk(self.n_ops, dim=1).indices
+        chosen = noise().topk(self.n_ops, dim=1).indices
         selected = torch.zeros(batch, k, dtype=torch.bool, device=device).scatter_(1, chosen, True)
-        fires = selected & (uniform() < self.probability)
-        strength = torch.where(self.uniform_mask, self.strength * uniform(), self.strength.expand(batch, k))
-        magnitude = torch.where(self.signed & (uniform() < 0.5), -strength, strength)
+        fires = selected & (noise() < self.probability)
+        strength = torch.where(self.uniform, self.strength * noise(), self.strength.expand(batch, k))
+        magnitude = torch.where(self.signed & (noise() < 0.5), -strength, strength)
         out = images
         for column, name in enumerate(self.ops):
             index = fires[:, column].nonzero().squeeze(1).to(images.device)
