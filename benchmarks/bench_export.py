@@ -76,6 +76,8 @@ class Exports:
 
         self.kornia = to_kornia(policy)
         self.album = A.from_dict(to_albumentations(policy))
+        # One shared stream (set_random_seed would give every op the same one; see to_albumentations).
+        self.album.set_random_state(np.random.default_rng(0), random.Random(0))
         spec = to_timm(policy)
         self.timm = timm and timm.RandAugment([timm.AugmentOp(**op) for op in spec["ops"]], spec["num_layers"],
                                               spec["choice_weights"])
