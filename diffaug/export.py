@@ -28,7 +28,7 @@ from .errors import DiffAugError, check_images
 from .ops import CUTOUT_FRACTION, get_op
 from .policy import PolicyAugmenter, ReferencePolicy
 
-__all__ = ["KorniaPolicy", "describe", "to_albumentations", "to_kornia", "to_timm"]
+__all__ = ["KorniaPolicy", "describe", "op_meaning", "to_albumentations", "to_kornia", "to_timm"]
 
 _EXPECTED = "policy must be a PolicyAugmenter, a ReferencePolicy or a dict from their to_dict()"
 
@@ -68,37 +68,50 @@ def describe(policy: PolicyAugmenter | ReferencePolicy | Mapping[str, Any]) -> d
         >>> op = describe(ReferencePolicy(["Solarize", "Rotate"], n_ops=1, probability=0.5, magnitude=0.3))["ops"]
         >>> round(op["Solarize"]["effective_probability"], 6), op["Solarize"]["effective_strength"]
         (0.15, {'kind': 'fixed', 'value': 1.0})
-        >>> op["Solarize"]["summary"]
-        'when drawn (1 of 2 ops), applied with probability p = 0.5 at full strength with probability m = 0.3, else not at all: at full strength with probability p * m = 0.15'
+        >>> op["Solarize"]["summary"].split(": ")[-1]
+        'at full strength with probability p * m = 0.15'
     """
     reference = _reference(policy)
-    sampling = reference.magnitude_sampling
-    draw = reference.n_ops / len(reference.ops)
-    ops: dict[str, dict[str, Any]] = {}
+    k, n_ops, sampling = len(reference.ops), reference.n_ops, reference.magnitude_sampling
+    ops = {}
     for name, values in reference.policy().items():
-        p, m = values["probability"], values.get("magnitude")
-        when = f"when drawn ({reference.n_ops} of {len(reference.ops)} ops), applied with probability p = {p:.3g}"
-        if m is None:
-            strength = effective = {"kind": "fixed", "value": 1.0}
-            q, summary = p, f"{when} (no magnitude)"
-        elif sampling == "relaxed":
-            strength, effective = {"kind": "full_or_none", "full_probability": m}, {"kind": "fixed", "value": 1.0}
-            q = p * m
-            summary = (f"{when} at full strength with probability m = {m:.3g}, else not at all: at full strength "
-                       f"with probability p * m = {q:.3g}")
-        elif sampling == "mean":
-            strength = effective = {"kind": "fixed", "value": m}
-            q, summary = p, f"{when} at strength m = {m:.3g}"
-        else:
-            strength = effective = {"kind": "uniform", "low": 0.0, "high": m}
-            q, summary = p, f"{when} at a strength uniform on [0, m = {m:.3g}]"
-        entry = {"probability": p} | ({"magnitude": m} if m is not None else {})
-        ops[name] = entry | {
-            "signed": get_op(name).signed, "strength": strength, "effective_probability": q,
-            "effective_strength": effective, "rate": draw * q, "summary": summary,
-        }
-    return {"magnitude_sampling": sampling, "n_ops": reference.n_ops, "selection": reference.selection,
-            "draw_probability": draw, "ops": ops}
+        meaning = op_meaning(values["probability"], values.get("magnitude"), sampling)
+        ops[name] = {**meaning, "signed": get_op(name).signed, "rate": n_ops / k * meaning["effective_probability"],
+                     "summary": f"when drawn ({n_ops} of {k} ops), {meaning['summary']}"}
+    return {"magnitude_sampling": sampling, "n_ops": n_ops, "selection": reference.selection,
+            "draw_probability": n_ops / k, "ops": ops}
+
+
+def op_meaning(probability: float, magnitude: float | None, sampling: str) -> dict[str, Any]:
+    """One drawn op's apply probability p and magnitude m (None: an op without one) under ``sampling``, as
+    ``describe`` states them: the strength distribution, the effective probability and strength, and a sentence.
+    Plain numbers in and out, so that ``policy()`` and the plots can say the same.
+
+    Example:
+        >>> op_meaning(0.5, 0.3, "uniform")["summary"]
+        'applied with probability p = 0.5 at a strength uniform on [0, m = 0.3]'
+    """
+    p, m = probability, magnitude
+    applied = f"applied with probability p = {p:.3g}"
+    if m is None:
+        return {"probability": p, "strength": {"kind": "fixed", "value": 1.0}, "effective_probability": p,
+                "effective_strength": {"kind": "fixed", "value": 1.0}, "summary": f"{applied} (no magnitude)"}
+    if sampling == "relaxed":
+        strength: dict[str, float | str] = {"kind": "full_or_none", "full_probability": m}
+        effective, q = {"kind": "fixed", "value": 1.0}, p * m
+        summary = (f"{applied} at full strength with probability m = {m:.3g}, else not at all: at full strength "
+                   f"with probability p * m = {q:.3g}")
+    elif sampling == "mean":
+        strength, effective, q = {"kind": "fixed", "value": m}, {"kind": "fixed", "value": m}, p
+        summary = f"{applied} at strength m = {m:.3g}"
+    elif sampling == "uniform":
+        strength, q = {"kind": "uniform", "low": 0.0, "high": m}, p
+        effective = dict(strength)
+        summary = f"{applied} at a strength uniform on [0, m = {m:.3g}]"
+    else:
+        raise DiffAugError(f"sampling must be one of ['relaxed', 'mean', 'uniform']; got {sampling!r}")
+    return {"probability": p, "magnitude": m, "strength": strength, "effective_probability": q,
+            "effective_strength": effective, "summary": summary}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -117,40 +130,41 @@ def _albumentations() -> Any:
     return albumentations
 
 
-def _solarize_fraction(magnitude: float) -> float:
-    # albumentations inverts uint8 levels i >= fraction * 255; ours inverts i >= 256 (1 - m) (the 256/255
-    # convention makes m = 0 invert nothing). The fraction is capped at 1 (m < 1/256: only white is inverted).
-    return min(1.0, 256 * (1 - magnitude) / 255)
+def _parameter(name: str, magnitude: float) -> float:
+    """Op ``name``'s own parameter (factor, bits, threshold, shear, shift, degrees) at ``magnitude``, from the op
+    table: the exports restate no map of their own."""
+    return float(get_op(name).parameter(torch.tensor([magnitude], dtype=torch.float64))[0])
 
 
 def _album_op(A: Any, name: str, lo: float, hi: float, p: float) -> Any:
     """One albumentations transform for op ``name`` at a signed magnitude uniform on [lo, hi] (lo = hi: fixed)."""
     spec = get_op(name)
-    if spec.encoder == "blend" and name != "Sharpness":
-        factors = (1 + 0.9 * lo, 1 + 0.9 * hi)  # ColorJitter's factors are PIL's for these three
+    low, high = _parameter(name, lo), _parameter(name, hi)
+    if name in ("Brightness", "Color", "Contrast"):  # ColorJitter's factors are PIL's for these three
         field = {"Brightness": "brightness", "Color": "saturation", "Contrast": "contrast"}[name]
         kwargs = {"brightness": (1.0, 1.0), "contrast": (1.0, 1.0), "saturation": (1.0, 1.0), "hue": (0.0, 0.0)}
-        return A.ColorJitter(**(kwargs | {field: factors}), p=p)
-    if name == "Sharpness":  # PIL: x + (f - 1)(x - blur13) = the kernel I + (f - 1) / 13 (8 I - neighbours)
-        if hi <= 0:
+        return A.ColorJitter(**(kwargs | {field: (low, high)}), p=p)
+    if name == "Sharpness":  # PIL: x + (f - 1)(x - blur13), the kernel I + (f - 1) / 13 (8 I - neighbours)
+        if high <= 1:
             return A.NoOp(p=p)  # Sharpen cannot blur (its alpha is in [0, 1])
-        return A.Sharpen(alpha=(0.9 * max(lo, 0.0) / 13, 0.9 * hi / 13), lightness=(1.0, 1.0), method="kernel", p=p)
+        return A.Sharpen(alpha=((max(low, 1.0) - 1) / 13, (high - 1) / 13), lightness=(1.0, 1.0), method="kernel", p=p)
     if name == "Posterize":
-        bits = int(torch.round(torch.tensor(8 - 4 * hi)))
-        return A.NoOp(p=p) if bits >= 8 else A.Posterize(num_bits=bits, p=p)
+        return A.NoOp(p=p) if high >= 8 else A.Posterize(num_bits=int(high), p=p)
     if name == "Solarize":
-        return A.Solarize(threshold_range=(_solarize_fraction(hi), _solarize_fraction(lo)), p=p)
+        # albumentations inverts uint8 levels >= fraction * 255, ours >= threshold * 255 (256/255 (1 - m)), which
+        # exceeds 1 for m < 1/256 and then inverts nothing; the fraction is capped at 1 (white alone inverted).
+        return A.Solarize(threshold_range=(min(1.0, high), min(1.0, low)), p=p)
     if spec.kind == "affine":
         common = {"interpolation": 1, "border_mode": 0, "fill": 0, "p": p}  # cv2.INTER_LINEAR, BORDER_CONSTANT
         if name == "Rotate":
-            return A.Affine(rotate=(30 * lo, 30 * hi), **common)
-        if name in ("ShearX", "ShearY"):  # degrees whose tangent is our shear factor: the same sign as ours
-            degrees = (math.degrees(math.atan(0.3 * lo)), math.degrees(math.atan(0.3 * hi)))
-            return A.Affine(shear={"x": degrees if name == "ShearX" else (0.0, 0.0),
-                                   "y": degrees if name == "ShearY" else (0.0, 0.0)}, **common)
-        # Ours samples at p + t (the content moves by -t); albumentations moves the content by its translation.
-        shift = (-150 / 331 * hi, -150 / 331 * lo)
+            return A.Affine(rotate=(low, high), **common)
         zero = (0.0, 0.0)
+        if name in ("ShearX", "ShearY"):  # degrees whose tangent is our shear factor: the same sign as ours
+            degrees = (math.degrees(math.atan(low)), math.degrees(math.atan(high)))
+            return A.Affine(shear={"x": degrees if name == "ShearX" else zero,
+                                   "y": degrees if name == "ShearY" else zero}, **common)
+        # Ours samples at p + t (the content moves by -t); albumentations moves the content by its translation.
+        shift = (-high, -low)
         return A.Affine(translate_percent={"x": shift if name == "TranslateX" else zero,
                                            "y": shift if name == "TranslateY" else zero}, **common)
     if name == "Equalize":
@@ -161,14 +175,12 @@ def _album_op(A: Any, name: str, lo: float, hi: float, p: float) -> Any:
     return A.CoarseDropout(num_holes_range=(1, 1), hole_height_range=side, hole_width_range=side, fill=0, p=p)
 
 
-def _posterize_bits(high: float) -> dict[int, float]:
-    """P(bits = b) when bits = round(8 - 4 u), u uniform on [0, high]."""
-    weights: dict[int, float] = {}
-    for bits in range(4, 9):
-        lo, hi = max(0.0, (8 - bits - 0.5) / 4), min(high, (8 - bits + 0.5) / 4)
-        if hi > lo:
-            weights[bits] = (hi - lo) / high
-    return weights
+def _posterize_bits(high: float) -> list[tuple[float, float]]:
+    """(a strength, its probability) for each bit count a strength uniform on [0, high] gives, from the op table's
+    map (at the midpoints of 10,000 steps)."""
+    strengths = (torch.arange(10_000, dtype=torch.float64) + 0.5) / 10_000 * high
+    bits = get_op("Posterize").parameter(strengths)
+    return [(float(strengths[bits == b][0]), float((bits == b).double().mean())) for b in bits.unique()]
 
 
 def to_albumentations(policy: PolicyAugmenter | ReferencePolicy | Mapping[str, Any]) -> dict[str, Any]:
@@ -224,9 +236,8 @@ def to_albumentations(policy: PolicyAugmenter | ReferencePolicy | Mapping[str, A
             else:
                 transforms.append(_album_op(A, name, s, s, q))
         elif name == "Posterize":  # bits round(8 - 4 u): a OneOf weighted by each count's probability
-            weights = _posterize_bits(strength["high"])
-            transforms.append(A.OneOf([_album_op(A, name, (8 - b) / 4, (8 - b) / 4, w) for b, w in weights.items()],
-                                      p=q))
+            choices = [_album_op(A, name, u, u, w) for u, w in _posterize_bits(strength["high"])]
+            transforms.append(A.OneOf(choices, p=q))
         elif name == "Sharpness":
             high = strength["high"]
             transforms.append(A.OneOf([_album_op(A, name, 0.0, high, 1.0), A.NoOp(p=1.0)], p=q))
@@ -323,8 +334,9 @@ class KorniaPolicy(nn.Module):
         batch, k = images.shape[0], len(self.ops)
         device = self.probability.device
 
-        def noise() -> Tensor:
-            return torch.rand(batch, k, generator=generator, device=generator.device if generator else device).to(device)
+        def noise() -> Tensor:  # drawn where the generator lives, so a CPU generator gives the same draws anywhere
+            draw_on = generator.device if generator is not None else device
+            return torch.rand(batch, k, generator=generator, device=draw_on).to(device)
 
         chosen = noise().topk(self.n_ops, dim=1).indices
         selected = torch.zeros(batch, k, dtype=torch.bool, device=device).scatter_(1, chosen, True)
@@ -436,8 +448,8 @@ def to_timm(policy: PolicyAugmenter | ReferencePolicy | Mapping[str, Any]) -> di
                 level, hparams["magnitude_std"] = level / 2, 0.0
                 notes.append("Posterize: a strength uniform on [0, m] is exported at m / 2 (timm's level for "
                              "PosterizeOriginal runs the other way)")
-            # bits = int(0.4 level) + 4 = round(8 - 4 m) (half up) at level 10 (1 - m) + 1.25, capped at 10.
-            magnitude = min(_TIMM_LEVELS, _TIMM_LEVELS * (1 - level) + 1.25)
+            # timm keeps int(0.4 L) + 4 bits at level L: the middle of the levels that keep ours, capped at 10.
+            magnitude = min(_TIMM_LEVELS, 2.5 * (_parameter(name, level) - 4) + 1.25)
         else:
             magnitude = _TIMM_LEVELS * level
         ops.append({"name": _TIMM_NAMES[name], "prob": q, "magnitude": magnitude, "hparams": hparams})

@@ -348,3 +348,10 @@ def test_reference_policy_runs_in_dataloader_workers(photos: np.ndarray) -> None
     assert out.shape == x.shape and float(out.min()) >= 0 and float(out.max()) <= 1
     assert not torch.equal(out, x)  # each image is left as it is with odds of about 0.55^4: all ten, 1e-10
 
+
+
+def test_op_meaning_refuses_an_unknown_sampler() -> None:
+    from diffaug.export import op_meaning
+
+    with pytest.raises(DiffAugError, match=r"sampling must be one of \['relaxed', 'mean', 'uniform'\]; got 'gauss'"):
+        op_meaning(0.5, 0.3, "gauss")
