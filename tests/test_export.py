@@ -355,3 +355,21 @@ def test_op_meaning_refuses_an_unknown_sampler() -> None:
 
     with pytest.raises(DiffAugError, match=r"sampling must be one of \['relaxed', 'mean', 'uniform'\]; got 'gauss'"):
         op_meaning(0.5, 0.3, "gauss")
+
+
+@pytest.mark.parametrize("target", ["kornia", "albumentations", "timm"])
+def test_uniform_strength_survives_export(request, target: str) -> None:
+    """"uniform": Brightness's factor 1 + 0.9 u s, u uniform on [0, m], s a random sign, is uniform on
+    [1 - 0.9 m, 1 + 0.9 m]; read off a flat gray image (no clipping at 100 / 255 * 1.9). 400 draws: the mean within
+    4 standard errors (0.9 m / sqrt(3 * 400)) of 1, the spread within 10 % of 0.9 m / sqrt(3)."""
+    m = 0.6
+    policy = single("Brightness", probability=1 - 1e-6, magnitude=m, magnitude_sampling="uniform")
+    images = np.full((400, 8, 8, 3), 100, np.uint8)
+    runner = {"kornia": lambda: run_kornia(policy, images),
+              "albumentations": lambda: run_album(request.getfixturevalue("A"), policy, images),
+              "timm": lambda: run_timm(request.getfixturevalue("timm"), policy, images)}[target]
+    factors = runner()[:, 0, 0, 0] / (100 / 255)
+    spread = 0.9 * m / math.sqrt(3)
+    assert float(factors.min()) >= 1 - 0.9 * m - 0.01 and float(factors.max()) <= 1 + 0.9 * m + 0.01
+    assert abs(float(factors.mean()) - 1) < 4 * spread / math.sqrt(400)
+    assert abs(float(factors.std()) - spread) < 0.1 * spread
