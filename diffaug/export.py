@@ -21,6 +21,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import kornia
 import torch
 from torch import Tensor, nn
 
@@ -136,43 +137,58 @@ def _parameter(name: str, magnitude: float) -> float:
     return float(get_op(name).parameter(torch.tensor([magnitude], dtype=torch.float64))[0])
 
 
+def _jitter(A: Any, field: str, low: float, high: float, p: float) -> Any:
+    """ColorJitter changing one factor: its brightness, saturation and contrast are PIL's Brightness, Color and
+    Contrast."""
+    identity = {"brightness": (1.0, 1.0), "contrast": (1.0, 1.0), "saturation": (1.0, 1.0), "hue": (0.0, 0.0)}
+    return A.ColorJitter(**(identity | {field: (low, high)}), p=p)
+
+
+def _sharpen(A: Any, low: float, high: float, p: float) -> Any:
+    """PIL's Sharpness, x + (f - 1)(x - blur13), is the kernel I + (f - 1) / 13 (8 I - neighbours): Sharpen with
+    alpha (f - 1) / 13 and lightness 1. Its alpha is in [0, 1], so it cannot blur (f < 1): NoOp there."""
+    if high <= 1:
+        return A.NoOp(p=p)
+    return A.Sharpen(alpha=((max(low, 1.0) - 1) / 13, (high - 1) / 13), lightness=(1.0, 1.0), method="kernel", p=p)
+
+
+def _affine(A: Any, p: float, **geometry: Any) -> Any:
+    return A.Affine(**geometry, interpolation=1, border_mode=0, fill=0, p=p)  # cv2.INTER_LINEAR, BORDER_CONSTANT
+
+
+def _degrees(low: float, high: float) -> tuple[float, float]:
+    return math.degrees(math.atan(low)), math.degrees(math.atan(high))  # the shear angle of our factor, our sign
+
+
+_STILL = (0.0, 0.0)
+# albumentations' transform of each op, given the op table's parameter at the two ends of a range (equal: a fixed
+# strength) and the probability.
+_ALBUMENTATIONS = {
+    "Brightness": lambda A, low, high, p: _jitter(A, "brightness", low, high, p),
+    "Color": lambda A, low, high, p: _jitter(A, "saturation", low, high, p),
+    "Contrast": lambda A, low, high, p: _jitter(A, "contrast", low, high, p),
+    "Sharpness": _sharpen,
+    "Posterize": lambda A, low, high, p: A.NoOp(p=p) if high >= 8 else A.Posterize(num_bits=int(high), p=p),
+    # albumentations inverts uint8 levels >= fraction * 255, ours >= threshold * 255 (256/255 (1 - m)), which exceeds
+    # 1 for m < 1/256 and then inverts nothing; the fraction is capped at 1 (white alone inverted). Decreasing in m.
+    "Solarize": lambda A, low, high, p: A.Solarize(threshold_range=(min(1.0, high), min(1.0, low)), p=p),
+    "ShearX": lambda A, low, high, p: _affine(A, p, shear={"x": _degrees(low, high), "y": _STILL}),
+    "ShearY": lambda A, low, high, p: _affine(A, p, shear={"x": _STILL, "y": _degrees(low, high)}),
+    # Ours samples at p + t (the content moves by -t); albumentations moves the content by its translation.
+    "TranslateX": lambda A, low, high, p: _affine(A, p, translate_percent={"x": (-high, -low), "y": _STILL}),
+    "TranslateY": lambda A, low, high, p: _affine(A, p, translate_percent={"x": _STILL, "y": (-high, -low)}),
+    "Rotate": lambda A, low, high, p: _affine(A, p, rotate=(low, high)),
+    "Equalize": lambda A, low, high, p: A.Equalize(mode="pil", by_channels=True, p=p),
+    "Invert": lambda A, low, high, p: A.InvertImg(p=p),
+    "Cutout": lambda A, low, high, p: A.CoarseDropout(
+        num_holes_range=(1, 1), hole_height_range=(CUTOUT_FRACTION,) * 2, hole_width_range=(CUTOUT_FRACTION,) * 2,
+        fill=0, p=p),
+}
+
+
 def _album_op(A: Any, name: str, lo: float, hi: float, p: float) -> Any:
     """One albumentations transform for op ``name`` at a signed magnitude uniform on [lo, hi] (lo = hi: fixed)."""
-    spec = get_op(name)
-    low, high = _parameter(name, lo), _parameter(name, hi)
-    if name in ("Brightness", "Color", "Contrast"):  # ColorJitter's factors are PIL's for these three
-        field = {"Brightness": "brightness", "Color": "saturation", "Contrast": "contrast"}[name]
-        kwargs = {"brightness": (1.0, 1.0), "contrast": (1.0, 1.0), "saturation": (1.0, 1.0), "hue": (0.0, 0.0)}
-        return A.ColorJitter(**(kwargs | {field: (low, high)}), p=p)
-    if name == "Sharpness":  # PIL: x + (f - 1)(x - blur13), the kernel I + (f - 1) / 13 (8 I - neighbours)
-        if high <= 1:
-            return A.NoOp(p=p)  # Sharpen cannot blur (its alpha is in [0, 1])
-        return A.Sharpen(alpha=((max(low, 1.0) - 1) / 13, (high - 1) / 13), lightness=(1.0, 1.0), method="kernel", p=p)
-    if name == "Posterize":
-        return A.NoOp(p=p) if high >= 8 else A.Posterize(num_bits=int(high), p=p)
-    if name == "Solarize":
-        # albumentations inverts uint8 levels >= fraction * 255, ours >= threshold * 255 (256/255 (1 - m)), which
-        # exceeds 1 for m < 1/256 and then inverts nothing; the fraction is capped at 1 (white alone inverted).
-        return A.Solarize(threshold_range=(min(1.0, high), min(1.0, low)), p=p)
-    if spec.kind == "affine":
-        common = {"interpolation": 1, "border_mode": 0, "fill": 0, "p": p}  # cv2.INTER_LINEAR, BORDER_CONSTANT
-        if name == "Rotate":
-            return A.Affine(rotate=(low, high), **common)
-        zero = (0.0, 0.0)
-        if name in ("ShearX", "ShearY"):  # degrees whose tangent is our shear factor: the same sign as ours
-            degrees = (math.degrees(math.atan(low)), math.degrees(math.atan(high)))
-            return A.Affine(shear={"x": degrees if name == "ShearX" else zero,
-                                   "y": degrees if name == "ShearY" else zero}, **common)
-        # Ours samples at p + t (the content moves by -t); albumentations moves the content by its translation.
-        shift = (-high, -low)
-        return A.Affine(translate_percent={"x": shift if name == "TranslateX" else zero,
-                                           "y": shift if name == "TranslateY" else zero}, **common)
-    if name == "Equalize":
-        return A.Equalize(mode="pil", by_channels=True, p=p)
-    if name == "Invert":
-        return A.InvertImg(p=p)
-    side = (CUTOUT_FRACTION, CUTOUT_FRACTION)
-    return A.CoarseDropout(num_holes_range=(1, 1), hole_height_range=side, hole_width_range=side, fill=0, p=p)
+    return _ALBUMENTATIONS[name](A, _parameter(name, lo), _parameter(name, hi), p)
 
 
 def _posterize_bits(high: float) -> list[tuple[float, float]]:
@@ -254,8 +270,6 @@ def to_albumentations(policy: PolicyAugmenter | ReferencePolicy | Mapping[str, A
 def _kornia_affine(name: str, x: Tensor, magnitude: Tensor) -> Tensor:
     """Our op's map (output pixel p samples the input at L (p - c) + c + shift * size) through kornia's warp_affine,
     which takes the forward map (input to output) in pixel indices."""
-    import kornia
-
     height, width = x.shape[-2:]
     linear, shift = get_op(name).geometry(magnitude.to(x.dtype))  # type: ignore[misc]
     centre = x.new_tensor([(width - 1) / 2, (height - 1) / 2])
@@ -268,34 +282,32 @@ def _kornia_affine(name: str, x: Tensor, magnitude: Tensor) -> Tensor:
                                                  align_corners=True)
 
 
-def _kornia_op(name: str, x: Tensor, magnitude: Tensor) -> Tensor:
-    """Op ``name`` with kornia's kernels at a signed magnitude per image (our parameter maps)."""
-    import kornia
+def _kornia_solarize(x: Tensor, threshold: Tensor) -> Tensor:
+    # kornia inverts values >= its threshold in [0, 1]; ours above 1 (m < 1/256) inverts nothing. The small
+    # allowance lets level k / 255 meet a threshold of k / 255 as ours does.
+    solarized = kornia.enhance.solarize(x, (threshold - 1e-3 / 255).clamp(0, 1))
+    return torch.where((threshold > 1).view(-1, 1, 1, 1), x, solarized)
 
-    enhance, spec = kornia.enhance, get_op(name)
+
+# kornia's kernel of each colour and fixed op, given the op table's parameter (Cutout: RandomErasing, in KorniaPolicy).
+_KORNIA_KERNELS = {
+    "Brightness": kornia.enhance.adjust_contrast,  # PIL's Brightness is a product (kornia's adjust_brightness adds)
+    "Color": kornia.enhance.adjust_saturation_with_gray_subtraction,
+    "Contrast": kornia.enhance.adjust_contrast_with_mean_subtraction,
+    "Sharpness": kornia.enhance.sharpness,
+    "Posterize": lambda x, bits: kornia.enhance.posterize(x, bits.long()),
+    "Solarize": _kornia_solarize,
+    "Equalize": lambda x, _: kornia.enhance.equalize(x),
+    "Invert": lambda x, _: kornia.enhance.invert(x),
+}
+
+
+def _kornia_op(name: str, x: Tensor, magnitude: Tensor) -> Tensor:
+    """Op ``name`` with kornia's kernels at a signed magnitude per image (the op table's parameter maps)."""
+    spec = get_op(name)
     if spec.kind == "affine":
         return _kornia_affine(name, x, magnitude)
-    parameter = spec.parameter(magnitude.to(x.dtype))
-    if name == "Brightness":  # PIL's Brightness is a product: kornia's adjust_contrast (its adjust_brightness adds)
-        return enhance.adjust_contrast(x, parameter)
-    if name == "Color":
-        return enhance.adjust_saturation_with_gray_subtraction(x, parameter)
-    if name == "Contrast":
-        return enhance.adjust_contrast_with_mean_subtraction(x, parameter)
-    if name == "Sharpness":
-        return enhance.sharpness(x, parameter)
-    if name == "Posterize":
-        return enhance.posterize(x, parameter.long())
-    if name == "Solarize":
-        # kornia inverts values >= its threshold in [0, 1]; ours above 1 (m < 1/256) inverts nothing. The small
-        # allowance lets level k / 255 meet a threshold of k / 255 as ours does.
-        solarized = enhance.solarize(x, (parameter - 1e-3 / 255).clamp(0, 1))
-        return torch.where((parameter > 1).view(-1, 1, 1, 1), x, solarized)
-    if name == "Equalize":
-        return enhance.equalize(x)
-    if name == "Invert":
-        return enhance.invert(x)
-    raise DiffAugError(f"op {name!r} has no kornia kernel here")  # Cutout is drawn by KorniaPolicy itself
+    return _KORNIA_KERNELS[name](x, spec.parameter(magnitude.to(x.dtype)))
 
 
 class KorniaPolicy(nn.Module):
@@ -322,8 +334,6 @@ class KorniaPolicy(nn.Module):
         self.register_buffer("uniform", torch.tensor([s["kind"] == "uniform" for s in strengths]))
         self._erase: nn.Module | None = None
         if "Cutout" in self.ops:
-            import kornia
-
             area = CUTOUT_FRACTION**2
             self._erase = kornia.augmentation.RandomErasing(scale=(area, area), ratio=(1.0, 1.0), value=0.0, p=1.0)
 
