@@ -9,7 +9,8 @@ PY := $(VENV)/bin/python
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,export]"
+	$(PY) -m pip download -q --no-deps timm==1.0.31 -d .whl/timm  # tests/test_export.py loads its auto_augment.py alone
 	touch $@
 
 .PHONY: demo test bench device-wheels

@@ -51,3 +51,8 @@ def test_bench_overhead_smoke() -> None:
 def test_bench_fidelity_smoke() -> None:
     out = _run("bench_fidelity.py", "--count", "4")
     assert "Rotate" in out and "Brightness" in out
+
+
+def test_bench_export_smoke() -> None:
+    out = _run("bench_export.py", "--size", "16", "--draws", "10")
+    assert "Rotate" in out and "Default policy" in out and "albumentations" in out
