@@ -297,7 +297,10 @@ def prepare_teacher(args: argparse.Namespace, teacher: nn.Module, train: Dataset
         write_atomic(path, lambda temporary: torch.save(state, temporary))
         print(f"teacher trained and cached in {path}", file=sys.stderr)
     parallel.barrier()
-    cached = read_checkpoint(path, what="teacher cache")
+    try:
+        cached = read_checkpoint(path, what="teacher cache")
+    except DiffAugError as error:
+        raise Refused(f"{error}; delete it to train the teacher again") from None
     if not (isinstance(cached, dict) and cached.get("record") == json.dumps(record, sort_keys=True)
             and isinstance(cached.get("state_dict"), dict)):
         raise Refused(f"teacher cache {path} was not written for this teacher (data, recipe, model, seed and steps); "
