@@ -108,7 +108,7 @@ def read_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu",
     if path.is_dir():
         raise DiffAugError(f"{what} must be a file; got {str(path)!r}, which is a directory")
     if not path.is_file():
-        raise DiffAugError(f"{what} must be a file written by Distiller.save; got {str(path)!r}, which is missing")
+        raise DiffAugError(f"{what} must be a file; got {str(path)!r}, which is missing")
     if path.stat().st_size == 0:
         raise DiffAugError(f"{what} {path} is empty (0 bytes): not a checkpoint; was its writing interrupted?")
     try:
