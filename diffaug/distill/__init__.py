@@ -14,6 +14,6 @@ from .settings import Run, Search, Settings, StageThree, default_milestones
 from .tasks import Classification, Localisation, Segmentation, Task, box_iou
 from .trainer import Trainer, train_teacher
 
-__all__ = ["FORMAT_VERSION", "KD_LOSSES", "Classification", "Distiller", "Localisation", "Run", "Search", "Segmentation",
-           "Settings", "StageThree", "Task", "Trainer", "box_iou", "default_milestones", "dist_loss", "dkd_loss",
-           "end_distributed_process", "kd_loss", "log_one_minus_softmax", "train_teacher", "tst_loss"]
+__all__ = ["FORMAT_VERSION", "KD_LOSSES", "Classification", "Distiller", "Localisation", "Run", "Search",
+           "Segmentation", "Settings", "StageThree", "Task", "Trainer", "box_iou", "default_milestones", "dist_loss",
+           "dkd_loss", "end_distributed_process", "kd_loss", "log_one_minus_softmax", "train_teacher", "tst_loss"]

@@ -46,10 +46,9 @@ __all__ = ["FORMAT_VERSION", "PAPER_MILESTONES", "Distiller", "default_milestone
 FORMAT_VERSION = 2
 _STATE_KEYS = ("student", "augmenter", "task", "optimiser", "search_optimiser", "scaler", "search_scaler",
                *COUNTERS, "history", "rng", "settings")
-_DEFAULTS = Settings()
 
 
-def _describe(module: nn.Module, weights: bool = False) -> dict[str, Any]:
+def _module_record(module: nn.Module, weights: bool = False) -> dict[str, Any]:
     """A module's class and the shape of every tensor of its state (and, for a frozen teacher, a hash of them)."""
     state = module.state_dict()
     record: dict[str, Any] = {"class": f"{type(module).__module__}.{type(module).__qualname__}",
@@ -121,7 +120,8 @@ class Distiller:
             its name (listed with its group in ``settings.KEYWORDS``):
             Stage III (``StageThree``): lr, momentum, weight_decay, nesterov (the paper's SGD), milestones, gamma
             (the learning rate x gamma at those epochs; default milestone_fractions of the epochs of ``fit``, the
-            paper's 150/180/210 of 240), kd ("kd" Eq. 1's tau^2 KL, "dkd", "dist": the names of ``objective.KD_LOSSES``, or a callable
+            paper's 150/180/210 of 240), kd ("kd" Eq. 1's tau^2 KL, "dkd", "dist": the names of
+            ``objective.KD_LOSSES``, or a callable
             ``kd(student_logits, teacher_logits, targets)``), temperature, w_ce, w_kl (Eq. 1's weights).
             Stage II (``Search``): search_epochs (epochs at whose start it runs; default 1/8 and 3/8 of the
             epochs), search_steps (steps a block; default one pass over the data, more runs several passes, each
@@ -198,7 +198,8 @@ class Distiller:
             raise DiffAugError(f"settings must be a diffaug.distill.Settings; got {type(settings).__name__}")
         stage_three, search, run = settings.stage_three, settings.search, settings.run
         if not isinstance(augmenter, nn.Module):
-            raise DiffAugError(f"augmenter must be a PolicyAugmenter or another nn.Module; got {type(augmenter).__name__}")
+            raise DiffAugError("augmenter must be a PolicyAugmenter or another nn.Module; got "
+                               f"{type(augmenter).__name__}")
         searchable = isinstance(augmenter, PolicyAugmenter)
         if not searchable and (search.epochs is None or len(search.epochs) > 0):
             given = None if search.epochs is None else list(search.epochs)
@@ -239,7 +240,8 @@ class Distiller:
         else:
             self.optimiser = optimiser(trained)
             if not isinstance(self.optimiser, torch.optim.Optimizer):
-                raise DiffAugError(f"optimiser must return a torch.optim.Optimizer; got {type(self.optimiser).__name__}")
+                raise DiffAugError("optimiser must return a torch.optim.Optimizer; got "
+                                   f"{type(self.optimiser).__name__}")
         # A fixed augmenter has nothing to search (and may have no parameters at all, which SGD refuses).
         self.search_optimiser = torch.optim.SGD(
             self.augmenter.parameters(), lr=search.lr, momentum=search.momentum) if searchable else None
@@ -248,9 +250,9 @@ class Distiller:
         self.stages = Distillation(self.teacher, self.student, self.trained_student, self.augmenter, self.task,
                                    logit_kd(stage_three.kd, stage_three.temperature), stage_three, search, prepare,
                                    self.optimiser, self.search_optimiser, run.amp)
-        self.trainer = Trainer(self.stages, self.optimiser, _schedule(stage_three), seed=run.seed, generator=self.generator, progress=run.progress,
-                               searches=search.epochs, search_steps=search.steps, metric_name=task.metric_name)
-        self._teacher_record = _describe(self.teacher, weights=True)
+        self.trainer = Trainer(self.stages, self.optimiser, _schedule(stage_three), seed=run.seed,
+                               generator=self.generator, progress=run.progress, searches=search.epochs, search_steps=search.steps, metric_name=task.metric_name)
+        self._teacher_record = _module_record(self.teacher, weights=True)
         self._data: dict[str, Any] | None = None  # the training data's identity, from fit or from a checkpoint
         torch.manual_seed(run.seed + self.rank)
 
@@ -331,15 +333,15 @@ class Distiller:
         classes and tensor shapes (and the teacher's weights' hash), the augmenter's settings, the optimiser and
         the training data's identity. ``load`` refuses a checkpoint whose record differs."""
         keywords = resumable_keywords(self.settings)
-        augmenter = _describe(self.augmenter)
+        augmenter = _module_record(self.augmenter)
         if hasattr(self.augmenter, "settings") and callable(self.augmenter.settings):
             augmenter["settings"] = self.augmenter.settings()
         optimiser = {"class": type(self.optimiser).__name__,
                      "groups": [len(group["params"]) for group in self.optimiser.param_groups],
                      "defaults": {k: v for k, v in self.optimiser.defaults.items()
                                   if isinstance(v, (bool, int, float, str, type(None)))}}
-        return {"settings": keywords, "teacher": self._teacher_record, "student": _describe(self.student),
-                "augmenter": augmenter, "task": _describe(self.task), "optimiser": optimiser, "data": self._data}
+        return {"settings": keywords, "teacher": self._teacher_record, "student": _module_record(self.student),
+                "augmenter": augmenter, "task": _module_record(self.task), "optimiser": optimiser, "data": self._data}
 
     def state_dict(self) -> dict[str, Any]:
         return {**self.trainer.state_dict(), "format": FORMAT_VERSION, "settings": self.record()}
@@ -370,7 +372,8 @@ class Distiller:
             history = json.loads(state["history"])
         except (TypeError, ValueError):
             history = None
-        if not (isinstance(history, dict) and all(isinstance(history.get(k), list) for k in ("search", "train", "epochs"))):
+        lists = ("search", "train", "epochs")
+        if not (isinstance(history, dict) and all(isinstance(history.get(k), list) for k in lists)):
             raise DiffAugError("checkpoint's history must be the JSON of a dict with the lists 'search', 'train' and "
                                f"'epochs'; got {str(state['history'])[:60]!r}")
         Trainer.check_rng_state(state["rng"])
@@ -382,7 +385,8 @@ class Distiller:
         # Every part must load; tried on copies, so that a failure leaves this Distiller as it was.
         trials = [(copy.deepcopy(self.student), "student"), (copy.deepcopy(self.augmenter), "augmenter"),
                   (copy.deepcopy(self.task), "task"), (copy.deepcopy(self.optimiser), "optimiser"),
-                  (copy.deepcopy(self.stages.scaler), "scaler"), (copy.deepcopy(self.stages.search_scaler), "search_scaler")]
+                  (copy.deepcopy(self.stages.scaler), "scaler"),
+                  (copy.deepcopy(self.stages.search_scaler), "search_scaler")]
         if self.search_optimiser is not None:
             trials.append((copy.deepcopy(self.search_optimiser), "search_optimiser"))
         for target, key in trials:

@@ -12,7 +12,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..errors import DiffAugError
 
 __all__ = ["all_gather", "average_gradients", "barrier", "broadcast_", "destroy", "end_distributed_process",
            "join_from_environment", "rank", "sum_", "wrap", "world"]
@@ -94,13 +93,6 @@ def all_gather(value: Any) -> list[Any]:
 def barrier() -> None:
     if world() > 1:
         dist.barrier()
-
-
-def check_batch(batch_size: int) -> int:
-    """The per-rank share of a global ``batch_size``."""
-    if batch_size % world():
-        raise DiffAugError(f"--batch-size ({batch_size}) must divide among the {world()} ranks")
-    return batch_size // world()
 
 
 def end_distributed_process(code: int = 0) -> NoReturn:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from ..errors import DiffAugError
@@ -151,8 +151,8 @@ class Run:
                                    f"std={self.std!r}") from None
             if len(mean) != len(std) or not all(math.isfinite(v) for v in mean) or \
                     not all(math.isfinite(v) and v > 0 for v in std):
-                raise DiffAugError(f"mean and std must be as many finite numbers each, std > 0; got mean={self.mean!r}, "
-                                   f"std={self.std!r}")
+                raise DiffAugError(f"mean and std must be as many finite numbers each, std > 0; got "
+                                   f"mean={self.mean!r}, std={self.std!r}")
             object.__setattr__(self, "mean", mean)
             object.__setattr__(self, "std", std)
         object.__setattr__(self, "device", str(self.device))

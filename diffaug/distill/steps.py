@@ -159,7 +159,8 @@ class Distillation:
         The record's ``teacher_ce`` and ``student_term`` are the task's two terms (for classification, CE of the
         teacher and -log(1 - p_S[y]))."""
         if not self.searchable:
-            raise DiffAugError(f"Stage II needs a PolicyAugmenter; this Distiller has a {type(self.augmenter).__name__}")
+            raise DiffAugError("Stage II needs a PolicyAugmenter; this Distiller has a "
+                               f"{type(self.augmenter).__name__}")
         x, y = self.prepare.standard(x, y)
         self.augmenter.train()
         self.student.eval()
