@@ -27,67 +27,26 @@ Exit status: 0 done; 2 a bad flag, or flags that do not fit the data or files th
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import hashlib
 import json
 import math
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 from ..errors import DiffAugError
-from ..files import write_atomic
 from ..policy import PolicyAugmenter
 from . import parallel
-from .data import (IMAGENET_MEAN, IMAGENET_STD, ImageFolder, channel_statistics, cifar, data_identity, mnist5k,
-                   photo_patches, small_models, standard_augment)
+from .data import standard_augment
 from .loop import Distiller, check_record, resumable_keywords
-from .models import MODELS, build_model
+from .models import MODELS
 from .objective import KD_LOSSES
-from .settings import PAPER_MILESTONES, Run, Search, Settings, StageThree, default_milestones
-from .trainer import read_checkpoint, train_teacher
-
-
-@dataclasses.dataclass(frozen=True)
-class Recipe:
-    """A data's defaults: the student's (Stage III) and the teacher's training, milestones as fractions of the
-    epochs (None: a cosine schedule)."""
-
-    epochs: int
-    batch_size: int
-    lr: float
-    weight_decay: float
-    milestones: tuple[float, ...]
-    teacher: tuple[str, str]
-    teacher_epochs: int
-    teacher_batch_size: int
-    teacher_lr: float
-    teacher_weight_decay: float
-    teacher_milestones: tuple[float, ...] | None
-
-
-RECIPES = {
-    "cifar": Recipe(240, 128, 0.1, 1e-4, PAPER_MILESTONES, ("wrn_40_2", "wrn_16_2"), 240, 64, 0.05, 5e-4,
-                    PAPER_MILESTONES),
-    "folder": Recipe(100, 256, 0.1, 1e-4, (0.3, 0.6, 0.9), ("resnet34", "resnet18"), 100, 256, 0.1, 1e-4,
-                     (0.3, 0.6, 0.9)),
-    "mnist": Recipe(8, 64, 0.05, 1e-4, PAPER_MILESTONES, ("small", "small"), 15, 64, 0.05, 5e-4, None),
-    "photos": Recipe(8, 64, 0.05, 1e-4, PAPER_MILESTONES, ("small", "small"), 15, 64, 0.05, 5e-4, None),
-}
-# Stage III learning rates of the paper's CIFAR pairs that differ from 0.1 (DESIGN.md, section 5).
-PAIR_LR = {("wrn_40_2", "wrn_40_1"): 0.05, ("wrn_40_2", "shufflev1"): 0.05, ("resnet32x4", "shufflev1"): 0.02}
-# CRD trains these at lr 0.01 (too deep a drop at 0.05 for depthwise convolutions).
-LIGHT_MODELS = ("mobilenetv2", "shufflev1", "shufflev2")
-TEACHER_CACHE_FORMAT = 1
-
-
-class Refused(DiffAugError):
-    """The command or what it names cannot be used: nothing was trained (exit status 2)."""
+from .recipes import PAIR_LR, RECIPES, Recipe, build_pair, cached_teacher, fitting_batch, load_data
+from .settings import Run, Search, Settings, StageThree
+from .trainer import read_checkpoint
 
 
 # -- flags -------------------------------------------------------------------------------------------------------
@@ -175,12 +134,12 @@ def resolve(args: argparse.Namespace) -> Recipe:
     if args.lr is None:
         args.lr = PAIR_LR.get((args.teacher, args.student), recipe.lr)
     if args.data == "folder" and args.data_dir is None:
-        raise Refused("--data folder needs --data-dir, a folder with train/ and val/ (one subfolder per class in "
+        raise DiffAugError("--data folder needs --data-dir, a folder with train/ and val/ (one subfolder per class in "
                       "each); got none")
     if args.data == "cifar" and args.cifar_dir is None:
-        raise Refused("--data cifar needs --cifar-dir, a folder with the CIFAR python batches; got none")
+        raise DiffAugError("--data cifar needs --cifar-dir, a folder with the CIFAR python batches; got none")
     if "small" in (args.teacher, args.student) and (args.teacher, args.student) != ("small", "small"):
-        raise Refused(f"'small' is the example pair (a 4-layer CNN teacher, a 2-layer student): give it as both "
+        raise DiffAugError(f"'small' is the example pair (a 4-layer CNN teacher, a 2-layer student): give it as both "
                       f"--teacher and --student; got {args.teacher} -> {args.student}")
     return recipe
 
@@ -195,55 +154,6 @@ def settings(args: argparse.Namespace, recipe: Recipe, mean: list[float], std: l
     )
 
 
-# -- data and models ---------------------------------------------------------------------------------------------
-
-def load_data(args: argparse.Namespace) -> tuple[Dataset, Dataset, int, int, tuple[list[float], list[float]]]:
-    """(train, test, channels, classes, (mean, std)) of ``--data``."""
-    if args.data == "folder":
-        train = ImageFolder(Path(args.data_dir) / "train", train=True, size=args.image_size)
-        test = ImageFolder(Path(args.data_dir) / "val", train=False, size=args.image_size, classes=train.classes)
-        return train, test, 3, len(train.classes), (list(IMAGENET_MEAN), list(IMAGENET_STD))
-    if args.data == "mnist":
-        train, test = mnist5k(args.train_size, seed=args.seed)
-        classes = 10
-    elif args.data == "photos":
-        train, test = photo_patches(per_class=args.train_size // 10, seed=args.seed)
-        classes = 10
-    else:
-        train, test = cifar(args.cifar_dir)
-        # The layout names the dataset (as cifar() reads it); the largest label might be missing from the files.
-        classes = 10 if (Path(args.cifar_dir) / "data_batch_1").is_file() else 100
-    images = train.tensors[0]
-    return train, test, images.shape[1], classes, channel_statistics(images)
-
-
-def build_pair(args: argparse.Namespace, channels: int, classes: int) -> tuple[nn.Module, nn.Module]:
-    if args.teacher == "small":
-        return small_models(channels, classes, seed=args.seed)
-    if channels != 3:
-        raise Refused(f"the zoo's models take RGB images; --data {args.data} has {channels} channel(s) "
-                      "(use --teacher small --student small, or --data photos)")
-    torch.manual_seed(args.seed)
-    return build_model(args.teacher, classes), build_model(args.student, classes)
-
-
-def batch_size(requested: int, train: Dataset, what: str, drop_last: bool, world: int) -> int:
-    """``requested`` (a global batch over ``world`` ranks), or the largest that the training images fill when they
-    are fewer (said once): a batch larger than the data would train for no step at all with ``drop_last``."""
-    if requested % world:
-        raise Refused(f"--batch-size ({requested}) must divide among the {world} ranks")
-    if not drop_last or requested <= len(train):
-        return requested
-    fitting = len(train) // world * world
-    if fitting == 0:
-        raise Refused(f"the training data has {len(train)} images, fewer than the {world} ranks: a batch needs at "
-                      "least one image a rank")
-    if parallel.rank() == 0:
-        print(f"the training data has {len(train)} images, fewer than the {what} of {requested}: "
-              f"training on batches of {fitting}", file=sys.stderr)
-    return fitting
-
-
 def read_teacher(path: str, model: nn.Module) -> None:
     """Load a teacher's weights strictly: a state_dict, or a dict holding one under "model" or "state_dict"."""
     state = read_checkpoint(path, what="--teacher-checkpoint")
@@ -254,65 +164,8 @@ def read_teacher(path: str, model: nn.Module) -> None:
         model.load_state_dict(state, strict=True)
     except (RuntimeError, TypeError, AttributeError) as error:
         reason = str(error).split("\n")[0]
-        raise Refused(f"--teacher-checkpoint {path} does not fit --teacher {type(model).__name__}: {reason}") from None
-
-
-def teacher_record(args: argparse.Namespace, recipe: Recipe, train: Dataset, channels: int, classes: int,
-                   batch: int, normalisation: tuple[list[float], list[float]]) -> dict[str, Any]:
-    """Everything that determines the recipe's teacher: what its cache file is keyed by and must hold."""
-    lr = recipe.teacher_lr if args.teacher not in LIGHT_MODELS else 0.01
-    return {"format": TEACHER_CACHE_FORMAT, "data": args.data, "identity": data_identity(train), "model": args.teacher,
-            "channels": channels, "classes": classes, "seed": args.seed, "epochs": args.teacher_epochs,
-            "batch_size": batch, "steps_per_epoch": len(train) // batch if args.data == "folder" else
-            math.ceil(len(train) / batch), "lr": lr, "weight_decay": recipe.teacher_weight_decay,
-            "milestones": recipe.teacher_milestones, "augment": "none" if args.data == "folder" else "crop-flip",
-            "normalisation": list(map(list, normalisation))}
-
-
-def prepare_teacher(args: argparse.Namespace, teacher: nn.Module, train: Dataset, recipe: Recipe, channels: int,
-                    classes: int, normalisation: tuple[list[float], list[float]]) -> nn.Module:
-    """The teacher from ``--teacher-checkpoint``, or from the cache, or trained by rank 0 with the recipe (by the
-    library's trainer, with its progress) and cached; the other ranks wait and load it."""
-    if args.teacher_checkpoint is not None:
-        read_teacher(args.teacher_checkpoint, teacher)
-        return teacher.eval()
-    drop_last = args.data == "folder"
-    batch = batch_size(recipe.teacher_batch_size, train, "teacher's batch", drop_last, 1) if drop_last else \
-        recipe.teacher_batch_size
-    record = teacher_record(args, recipe, train, channels, classes, batch, normalisation)
-    key = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
-    path = Path(args.cache_dir) / f"teacher-{args.data}-{args.teacher}-{key}.pt"
-    if not path.is_file() and parallel.rank() == 0:
-        loader = DataLoader(train, batch_size=batch, shuffle=True, num_workers=args.workers,
-                            generator=torch.Generator().manual_seed(args.seed), drop_last=drop_last)
-        milestones = None if recipe.teacher_milestones is None else \
-            default_milestones(args.teacher_epochs, recipe.teacher_milestones)
-        augment = None if args.data == "folder" else standard_augment(args.data)
-        args.training = True
-        train_teacher(teacher, loader, args.teacher_epochs, args.device, augment, seed=args.seed, lr=record["lr"],
-                      weight_decay=recipe.teacher_weight_decay, milestones=milestones, mean=normalisation[0],
-                      std=normalisation[1], progress=True)
-        state = {"record": json.dumps(record, sort_keys=True),
-                 "state_dict": {k: v.cpu() for k, v in teacher.state_dict().items()}}
-        write_atomic(path, lambda temporary: torch.save(state, temporary))
-        print(f"teacher trained and cached in {path}", file=sys.stderr)
-    parallel.barrier()
-    try:
-        cached = read_checkpoint(path, what="teacher cache")
-    except DiffAugError as error:
-        raise Refused(f"{error}; delete it to train the teacher again") from None
-    if not (isinstance(cached, dict) and cached.get("record") == json.dumps(record, sort_keys=True)
-            and isinstance(cached.get("state_dict"), dict)):
-        raise Refused(f"teacher cache {path} was not written for this teacher (data, recipe, model, seed and steps); "
-                      "delete it to train the teacher again")
-    try:
-        teacher.load_state_dict(cached["state_dict"])
-    except RuntimeError as error:
-        raise Refused(f"teacher cache {path} does not fit --teacher {args.teacher} ({str(error).splitlines()[0]}); "
-                      "delete it to train the teacher again") from None
-    if parallel.rank() == 0:
-        print(f"teacher from {path}", file=sys.stderr)
-    return teacher.cpu().eval()
+        raise DiffAugError(f"--teacher-checkpoint {path} does not fit --teacher {type(model).__name__}: {reason}") \
+            from None
 
 
 # -- the run -----------------------------------------------------------------------------------------------------
@@ -323,31 +176,38 @@ def run(args: argparse.Namespace) -> dict | None:
     recipe = resolve(args)
     args.device = parallel.join_from_environment(args.device)
     Run(device=args.device, amp=args.amp)  # CUDA and AMP are checked before any work
-    train, test, channels, classes, normalisation = load_data(args)
-    mean, std = normalisation
-    plan = settings(args, recipe, mean, std)
+    data = load_data(args.data, data_dir=args.data_dir, cifar_dir=args.cifar_dir, image_size=args.image_size,
+                     train_size=args.train_size, seed=args.seed)
+    plan = settings(args, recipe, data.mean, data.std)
     out = Path(args.out)
     checkpoint = out / "checkpoint.pt"
     resume = args.resume and checkpoint.is_file()
     if resume:  # the settings first, before a teacher is trained for a run that cannot continue
         check_record(read_checkpoint(checkpoint), {"settings": resumable_keywords(plan)})
-    teacher, student = build_pair(args, channels, classes)
-    teacher = prepare_teacher(args, teacher, train, recipe, channels, classes, normalisation)
-    distiller = Distiller.from_settings(teacher, student, PolicyAugmenter(mean=mean, std=std), plan,
-                                        standard_augment=None if args.data == "folder" else standard_augment(args.data))
+    teacher, student = build_pair(data, args.teacher, args.student, args.seed)
+    if args.teacher_checkpoint is not None:
+        read_teacher(args.teacher_checkpoint, teacher)
+    else:
+        teacher = cached_teacher(teacher, args.teacher, args.data, data, epochs=args.teacher_epochs, seed=args.seed,
+                                 device=args.device, workers=args.workers, cache_dir=args.cache_dir,
+                                 on_train=lambda: setattr(args, "training", True))
+        args.training = False
+    augment = None if args.data == "folder" else standard_augment(args.data)
+    distiller = Distiller.from_settings(teacher.eval(), student, PolicyAugmenter(mean=data.mean, std=data.std), plan,
+                                        standard_augment=augment)
     if resume:
         distiller.load(checkpoint)
-    drop_last = args.data == "folder"
-    batch = batch_size(args.batch_size, train, "batch", drop_last, parallel.world()) // parallel.world()
+    world, drop_last = parallel.world(), args.data == "folder"
+    batch = fitting_batch(args.batch_size, data.train, "batch", drop_last, world) // world
     workers = {"num_workers": args.workers, "persistent_workers": args.workers > 0, "pin_memory": "cuda" in args.device}
-    if parallel.world() > 1:
-        sampler = DistributedSampler(train, shuffle=True, seed=args.seed, drop_last=True)
-        loader = DataLoader(train, batch_size=batch, sampler=sampler, drop_last=True, **workers)
+    if world > 1:
+        sampler = DistributedSampler(data.train, shuffle=True, seed=args.seed, drop_last=True)
+        loader = DataLoader(data.train, batch_size=batch, sampler=sampler, drop_last=True, **workers)
     else:
-        loader = DataLoader(train, batch_size=batch, shuffle=True, generator=torch.Generator(), drop_last=drop_last,
-                            **workers)
+        loader = DataLoader(data.train, batch_size=batch, shuffle=True, generator=torch.Generator(),
+                            drop_last=drop_last, **workers)
     # Every rank evaluates the whole test set: the summed statistics give the exact metric.
-    test_loader = DataLoader(test, batch_size=256, **workers)
+    test_loader = DataLoader(data.test, batch_size=256, **workers)
     args.training = True
     history = distiller.fit(loader, args.epochs, test_loader, checkpoint=checkpoint)
     if parallel.rank() != 0:
@@ -376,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except DiffAugError as error:
         print(f"diffaug.distill: error: {error}", file=sys.stderr)
-        return 1 if args.training and not isinstance(error, Refused) else 2
+        return 1 if args.training else 2
     finally:
         parallel.destroy()
     if report is not None:
