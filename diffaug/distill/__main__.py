@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from ..errors import DiffAugError
 from ..policy import PolicyAugmenter
@@ -200,12 +200,7 @@ def run(args: argparse.Namespace) -> dict | None:
     world, drop_last = parallel.world(), args.data == "folder"
     batch = fitting_batch(args.batch_size, data.train, "batch", drop_last, world) // world
     workers = {"num_workers": args.workers, "persistent_workers": args.workers > 0, "pin_memory": "cuda" in args.device}
-    if world > 1:
-        sampler = DistributedSampler(data.train, shuffle=True, seed=args.seed, drop_last=True)
-        loader = DataLoader(data.train, batch_size=batch, sampler=sampler, drop_last=True, **workers)
-    else:
-        loader = DataLoader(data.train, batch_size=batch, shuffle=True, generator=torch.Generator(),
-                            drop_last=drop_last, **workers)
+    loader = parallel.train_loader(data.train, batch, args.seed, drop_last, **workers)
     # Every rank evaluates the whole test set: the summed statistics give the exact metric.
     test_loader = DataLoader(data.test, batch_size=256, **workers)
     args.training = True

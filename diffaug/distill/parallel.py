@@ -11,10 +11,11 @@ from typing import Any, NoReturn
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 
 __all__ = ["all_gather", "average_gradients", "barrier", "broadcast_", "destroy", "end_distributed_process",
-           "join_from_environment", "rank", "sum_", "wrap", "world"]
+           "join_from_environment", "rank", "sum_", "train_loader", "wrap", "world"]
 
 
 def _active() -> bool:
@@ -93,6 +94,17 @@ def all_gather(value: Any) -> list[Any]:
 def barrier() -> None:
     if world() > 1:
         dist.barrier()
+
+
+def train_loader(dataset: Dataset, batch_size: int, seed: int, drop_last: bool, **options: Any) -> DataLoader:
+    """A shuffled loader of this rank's share of ``dataset`` in batches of ``batch_size``: a DistributedSampler
+    under several ranks (whole batches only), else a generator; the trainer reseeds either per epoch, so a resumed
+    run sees the same batches."""
+    if world() > 1:
+        sampler = DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=True)
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, **options)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=torch.Generator(), drop_last=drop_last,
+                      **options)
 
 
 def end_distributed_process(code: int = 0) -> NoReturn:
