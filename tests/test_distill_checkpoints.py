@@ -189,8 +189,9 @@ def test_settings_objects_build_the_same_distiller_as_keywords() -> None:
 
 
 @pytest.mark.parametrize("keywords, match", [
-    ({"lr": float("nan")}, r"lr must be a finite number > 0; got nan"),
-    ({"lr": -1}, r"lr must be a finite number > 0; got -1"),
+    ({"lr": float("nan")}, r"lr must be a finite number >= 0; got nan"),
+    ({"lr": -1}, r"lr must be a finite number >= 0; got -1"),
+    ({"search_lr": -0.1}, r"search_lr must be a finite number >= 0; got -0.1"),
     ({"search_steps": 0}, r"search_steps must be an int > 0; got 0"),
     ({"search_epochs": [-1]}, r"search_epochs must be an int >= 0; got -1"),
     ({"temperature": float("inf")}, r"temperature must be a finite number > 0; got inf"),

@@ -74,7 +74,7 @@ class StageThree:
     w_kl: float = 1.0
 
     def __post_init__(self) -> None:
-        _number("lr", self.lr, 0)
+        _number("lr", self.lr, 0, strict=False)
         _number("momentum", self.momentum, 0, strict=False)
         _number("weight_decay", self.weight_decay, 0, strict=False)
         _number("gamma", self.gamma, 0)
@@ -115,7 +115,7 @@ class Search:
         object.__setattr__(self, "epochs", _epochs("search_epochs", self.epochs))
         if self.steps is not None:
             _number("search_steps", self.steps, 0, integer=True)
-        _number("search_lr", self.lr, 0)
+        _number("search_lr", self.lr, 0, strict=False)
         _number("search_momentum", self.momentum, 0, strict=False)
         _number("alpha", self.alpha, 0, strict=False)
         _number("beta", self.beta, 0, strict=False)

@@ -22,7 +22,8 @@ from ..errors import DiffAugError
 from ..files import write_atomic
 from . import parallel
 from .settings import PAPER_MILESTONES, default_milestones
-from .steps import search_summary
+from .steps import Prepare, Supervised, search_summary
+from .tasks import Classification
 
 __all__ = ["PAPER_MILESTONES", "Milestones", "PerStep", "Trainer", "default_milestones", "read_checkpoint"]
 
@@ -39,6 +40,7 @@ class Stage(Protocol):
     prepare: Any
 
     def train_step(self, x: Any, y: Any) -> dict[str, float]: ...
+    def search_step(self, x: Any, y: Any) -> dict[str, float]: ...  # only where ``searchable``
     def evaluate(self, loader: Iterable) -> float: ...
     def epoch_summary(self, records: list[dict[str, Any]]) -> dict[str, float]: ...
     def policy(self) -> dict[str, dict[str, float]] | None: ...
@@ -322,9 +324,6 @@ def train_teacher(model: torch.nn.Module, loader: Iterable, epochs: int, device:
     (e.g. ``data.standard_augment("photos")``) and then the normalisation ``mean``/``std`` are applied to every
     batch on the device, drawn from a generator seeded by ``seed``; the loader's own order runs on. Returns the
     model in eval mode."""
-    from .steps import Prepare, Supervised
-    from .tasks import Classification
-
     device = torch.device(device)
     generator = torch.Generator().manual_seed(seed)
     model.to(device).train()
