@@ -318,12 +318,12 @@ def train_teacher(model: torch.nn.Module, loader: Iterable, epochs: int, device:
                   standard_augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
                   seed: int = 0, lr: float = 0.05, weight_decay: float = 5e-4, milestones: Sequence[int] | None = None,
                   *, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                  progress: bool = True) -> torch.nn.Module:
+                  progress: bool = False) -> torch.nn.Module:
     """Plain supervised training of ``model`` (a teacher) by the trainer: SGD nesterov, momentum 0.9, a cosine
     schedule over all steps, or with ``milestones`` the learning rate x0.1 at those epochs. ``standard_augment``
     (e.g. ``data.standard_augment("photos")``) and then the normalisation ``mean``/``std`` are applied to every
-    batch on the device, drawn from a generator seeded by ``seed``; the loader's own order runs on. Returns the
-    model in eval mode."""
+    batch on the device, drawn from a generator seeded by ``seed``; the loader's own order runs on. ``progress``
+    shows the trainer's bars (the recipe command's teacher does). Returns the model in eval mode."""
     device = torch.device(device)
     generator = torch.Generator().manual_seed(seed)
     model.to(device).train()
