@@ -208,3 +208,15 @@ def test_unreadable_images_name_the_file(tmp_path: Path, content: bytes, message
         read_image(path)
     with pytest.raises(DiffAugError, match=message):
         open_rgb(path)
+
+
+def test_a_resume_with_another_student_is_refused_naming_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    common = ["--data", "photos", "--train-size", "20", "--teacher", "resnet8", "--teacher-epochs", "1", "--epochs",
+              "1", "--batch-size", "20", "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache")]
+    assert main([*common, "--student", "resnet8"]) == 0
+    checkpoint = (tmp_path / "run" / "checkpoint.pt").read_bytes()
+    capsys.readouterr()
+    assert main([*common, "--student", "resnet14", "--resume", "--epochs", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint was written with student.shapes." in err and "Traceback" not in err
+    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == checkpoint
