@@ -220,3 +220,16 @@ def test_a_resume_with_another_student_is_refused_naming_it(tmp_path: Path, caps
     err = capsys.readouterr().err
     assert "checkpoint was written with student.shapes." in err and "Traceback" not in err
     assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == checkpoint
+
+
+def test_an_error_in_a_dataloader_worker_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An undecodable image met by a DataLoader worker: the worker's traceback is not printed, the message is."""
+    _folder(tmp_path / "data", per_class=2)
+    (tmp_path / "data" / "train" / sorted(os.listdir(tmp_path / "data" / "train"))[0] / "9.png").write_bytes(b"")
+    argv = ["--data", "folder", "--data-dir", str(tmp_path / "data"), "--image-size", "32", "--workers", "1",
+            "--teacher", "resnet8", "--student", "resnet8", "--teacher-epochs", "1", "--epochs", "1",
+            "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "run")]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "9.png could not be decoded as an image" in err and "Traceback" not in err
+    assert [line for line in err.splitlines() if "error:" in line] == err.strip().splitlines()[-1:]

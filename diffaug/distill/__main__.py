@@ -134,13 +134,13 @@ def resolve(args: argparse.Namespace) -> Recipe:
     if args.lr is None:
         args.lr = PAIR_LR.get((args.teacher, args.student), recipe.lr)
     if args.data == "folder" and args.data_dir is None:
-        raise DiffAugError("--data folder needs --data-dir, a folder with train/ and val/ (one subfolder per class in "
-                      "each); got none")
+        raise DiffAugError("--data folder needs --data-dir, a folder with train/ and val/ (one subfolder per class "
+                           "in each); got none")
     if args.data == "cifar" and args.cifar_dir is None:
         raise DiffAugError("--data cifar needs --cifar-dir, a folder with the CIFAR python batches; got none")
     if "small" in (args.teacher, args.student) and (args.teacher, args.student) != ("small", "small"):
-        raise DiffAugError(f"'small' is the example pair (a 4-layer CNN teacher, a 2-layer student): give it as both "
-                      f"--teacher and --student; got {args.teacher} -> {args.student}")
+        raise DiffAugError(f"'small' is the example pair (a 4-layer CNN teacher, a 2-layer student): give it as "
+                           f"both --teacher and --student; got {args.teacher} -> {args.student}")
     return recipe
 
 
@@ -213,6 +213,16 @@ def run(args: argparse.Namespace) -> dict | None:
             "val_accuracy": final.get("val_accuracy"), "policy": final["policy"]}
 
 
+def one_line(error: DiffAugError) -> str:
+    """The error's own message: a DataLoader worker's error reaches the main process with the worker's traceback
+    prepended ("Caught DiffAugError in DataLoader worker process 0. Original Traceback ..."); its last line is the
+    message."""
+    message = str(error).strip()
+    if "Original Traceback" in message:
+        message = message.splitlines()[-1].split(": ", 1)[-1]
+    return message
+
+
 def main(argv: list[str] | None = None) -> int:
     """The command: 0 done, 2 bad flags or inputs (nothing trained), 1 failed while training, 130 interrupted."""
     flags = parser()
@@ -230,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         print("diffaug.distill: interrupted; the last checkpoint (if any) is intact", file=sys.stderr)
         return 130
     except DiffAugError as error:
-        print(f"diffaug.distill: error: {error}", file=sys.stderr)
+        print(f"diffaug.distill: error: {one_line(error)}", file=sys.stderr)
         return 1 if args.training else 2
     finally:
         parallel.destroy()
