@@ -47,8 +47,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from diffaug import OPS, PolicyAugmenter
 from diffaug.distill import Distiller
 from diffaug.distill import default_milestones
-from diffaug.distill.__main__ import standard_augment, train_teacher
-from diffaug.distill.data import Splits, small_models, task_splits
+from diffaug.distill import train_teacher
+from diffaug.distill.data import Splits, small_models, standard_augment, task_splits
 from diffaug.files import write_atomic
 
 ARMS = ("student", "kd", "fixed", "randaugment", "tst", "tst-long", "frozen", "pruned")

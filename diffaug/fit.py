@@ -13,18 +13,17 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any, TextIO
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from .encoders import MetaEncoder, build_encoder
 from .errors import DiffAugError
+from .images import IMAGE_SUFFIXES, read_image, shipped_images_dir
 from .ops import MAGNITUDE_OPS, get_op
 
 __all__ = [
@@ -37,7 +36,6 @@ __all__ = [
     "sample_magnitudes",
 ]
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 HELD_OUT = ("coffee.png", "rocket.png")  # shipped photos never used for fitting, only for measuring
 # Held-out PSNR (dB) each encoder must reach at the fitting size (the project's targets; affine ops: 45 at 3x).
 FIDELITY_TARGETS = {
@@ -58,16 +56,6 @@ class FitSettings:
     refine_batch_size: int = 256
     seed: int = 0
     device: str = "cpu"
-
-
-def shipped_images_dir() -> Path:
-    return Path(str(resources.files("diffaug.data"))) / "natural"
-
-
-def _read_image(path: Path) -> Tensor:
-    with Image.open(path) as image:
-        array = np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
-    return torch.from_numpy(array).permute(2, 0, 1).float().div(255)
 
 
 def load_images(folder: str | Path | None = None) -> tuple[list[Tensor], list[Tensor]]:
@@ -91,7 +79,7 @@ def load_images(folder: str | Path | None = None) -> tuple[list[Tensor], list[Te
     else:
         held = paths[4::5] or paths[-1:]
         fit = [p for p in paths if p not in held]
-    return [_read_image(p) for p in fit], [_read_image(p) for p in held]
+    return [read_image(p) for p in fit], [read_image(p) for p in held]
 
 
 def random_crops(
@@ -274,25 +262,21 @@ def evaluate_encoder(
     }
 
 
-class Progress:
-    """One line per op on a terminal, rewritten in place: step, running loss, elapsed time."""
+def _progress_bar(label: str, stream: TextIO | None) -> Callable[[int, float, int], None]:
+    """A tqdm bar for one op's fit (step, running loss, rate); silent when ``stream`` is None."""
+    bar: list[Any] = []
 
-    def __init__(self, label: str, stream: TextIO | None) -> None:
-        self.label, self.stream = label, stream
-        self.start = time.perf_counter()
-        self.shown = -1
-
-    def __call__(self, step: int, loss: float, total: int) -> None:
-        last = step + 1 == total
-        if self.stream is None or not (last or step >= self.shown + 25):
+    def report(step: int, loss: float, total: int) -> None:
+        if stream is None:
             return
-        self.shown = step
-        filled = int(30 * (step + 1) / total)
-        self.stream.write(
-            f"\r{self.label:<12} [{'#' * filled}{'.' * (30 - filled)}] {step + 1}/{total} "
-            f"loss {loss:.2e} {time.perf_counter() - self.start:5.1f}s" + ("\n" if last else "")
-        )
-        self.stream.flush()
+        if not bar:
+            bar.append(tqdm(total=total, desc=f"{label:<12}", file=stream, dynamic_ncols=True))
+        bar[0].set_postfix(loss=f"{loss:.2e}", refresh=False)
+        bar[0].update(step + 1 - bar[0].n)
+        if step + 1 == total:
+            bar[0].close()
+
+    return report
 
 
 def fit_priors(
@@ -327,7 +311,7 @@ def fit_priors(
     encoders, records = {}, {}
     for op in ops:
         started = time.perf_counter()
-        encoder = fit_encoder(op, arch, pool, settings, Progress(op, stream))
+        encoder = fit_encoder(op, arch, pool, settings, _progress_bar(op, stream))
         seconds = time.perf_counter() - started
         at_size = evaluate_encoder(encoder, held_images, settings.image_size)
         at_3x = evaluate_encoder(encoder, held_images, 3 * settings.image_size, count=64)

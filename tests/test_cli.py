@@ -11,7 +11,8 @@ from PIL import Image
 
 from diffaug import DiffAugError, load_priors
 from diffaug.cli import main
-from diffaug.fit import FitSettings, Progress, fit_priors
+import diffaug.fit as fit_module
+from diffaug.fit import FitSettings, fit_priors
 from diffaug.priors import read_manifest, shipped_priors_dir
 
 QUICK = ["--steps", "20", "--refine-iterations", "3", "--batch-size", "8"]
@@ -69,14 +70,17 @@ def test_interrupted_fit_leaves_the_previous_priors(tmp_path: Path, monkeypatch:
     out = tmp_path / "priors"
     fit_priors(["Rotate"], settings=FitSettings(steps=10, refine_iterations=2, batch_size=8), out=out, stream=None)
     before = read_manifest(out)
-    shown = Progress.__call__
+    fit_encoder = fit_module.fit_encoder
 
-    def interrupt_in_color(self: Progress, step: int, loss: float, total: int) -> None:
-        if self.label.startswith("Color") and step >= 25:
-            raise KeyboardInterrupt
-        shown(self, step, loss, total)
+    def interrupt_in_color(op, arch, pool, settings, progress=None):  # noqa: ANN001, ANN202
+        def report(step: int, loss: float, total: int) -> None:
+            if op == "Color" and step >= 25:
+                raise KeyboardInterrupt
+            if progress is not None:
+                progress(step, loss, total)
+        return fit_encoder(op, arch, pool, settings, report)
 
-    monkeypatch.setattr(Progress, "__call__", interrupt_in_color)
+    monkeypatch.setattr(fit_module, "fit_encoder", interrupt_in_color)
     code = main(["fit-priors", "--ops", "Rotate", "Color", "Contrast", "--out", str(out), "--steps", "60"])
     assert code == 130
     assert "interrupted; nothing was written" in capsys.readouterr().err

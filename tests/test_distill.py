@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from diffaug import DiffAugError, PolicyAugmenter
 from diffaug.distill import Distiller
-from diffaug.distill.__main__ import train_teacher
+from diffaug.distill import train_teacher
 from diffaug.distill.data import cifar, mnist5k, photo_patches, random_crop_flip, small_models, task_splits
 
 WORKER = Path(__file__).with_name("distill_worker.py")
@@ -242,7 +242,7 @@ def test_task_splits_are_disjoint_balanced_and_reproducible() -> None:
 def test_photo_splits_come_from_disjoint_regions() -> None:
     """Every patch is found in its own region of its photo (train: top 3/4 of the left half; validation: the
     bottom quarter of it; test: the right half), so no pixel is shared between splits."""
-    from diffaug.fit import _read_image, shipped_images_dir
+    from diffaug.images import read_image as _read_image, shipped_images_dir
 
     splits = task_splits("photos", per_class=3, seed=1)
     photos = [_read_image(p) for p in sorted(shipped_images_dir().glob("*.png"))]

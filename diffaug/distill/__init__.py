@@ -7,9 +7,13 @@
 True
 """
 
-from .loop import Distiller, default_milestones, end_distributed_process
-from .objective import dist_loss, dkd_loss, kd_loss, log_one_minus_softmax, tst_loss
+from .loop import FORMAT_VERSION, Distiller
+from .objective import KD_LOSSES, dist_loss, dkd_loss, kd_loss, log_one_minus_softmax, tst_loss
+from .parallel import end_distributed_process
+from .settings import Run, Search, Settings, StageThree, default_milestones
 from .tasks import Classification, Localisation, Segmentation, Task, box_iou
+from .trainer import Trainer, train_teacher
 
-__all__ = ["Classification", "Distiller", "Localisation", "Segmentation", "Task", "box_iou", "default_milestones",
-           "dist_loss", "dkd_loss", "end_distributed_process", "kd_loss", "log_one_minus_softmax", "tst_loss"]
+__all__ = ["FORMAT_VERSION", "KD_LOSSES", "Classification", "Distiller", "Localisation", "Run", "Search",
+           "Segmentation", "Settings", "StageThree", "Task", "Trainer", "box_iou", "default_milestones", "dist_loss",
+           "dkd_loss", "end_distributed_process", "kd_loss", "log_one_minus_softmax", "train_teacher", "tst_loss"]

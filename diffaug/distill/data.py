@@ -3,8 +3,11 @@ CIFAR-10/100 python-pickle batches from a folder the user points at, and ImageNe
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import math
 import pickle
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -17,9 +20,11 @@ from PIL import Image
 from torch.utils.data import Dataset, TensorDataset
 
 from ..errors import DiffAugError
+from ..images import IMAGE_SUFFIXES, open_rgb, read_image, shipped_images_dir
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ImageFolder", "Splits", "channel_statistics", "cifar", "mnist5k", "photo_patches", "random_crop_flip", "read_cifar_batch", "small_models",
-           "task_splits"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ImageFolder", "Splits", "balanced_subsets", "channel_statistics", "cifar",
+           "data_identity", "mnist5k", "mnist_arrays", "photo_patches", "photo_regions", "random_crop_flip",
+           "read_cifar_batch", "small_models", "standard_augment", "task_splits"]
 
 
 class Splits(NamedTuple):
@@ -30,13 +35,14 @@ class Splits(NamedTuple):
     test: TensorDataset
 
 
-def _mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
+def mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """The shipped MNIST-5k digits (5000, 28, 28) uint8 and their labels."""
     with resources.files("diffaug.data").joinpath("mnist5k.npz").open("rb") as file:
         data = np.load(file)
         return data["images"], data["labels"]
 
 
-def _balanced_subsets(labels: np.ndarray, per_class: list[int], seed: int) -> list[np.ndarray]:
+def balanced_subsets(labels: np.ndarray, per_class: list[int], seed: int) -> list[np.ndarray]:
     """Disjoint index sets, the i-th holding ``per_class[i]`` random images of every class; the rest after them."""
     order = np.random.default_rng(seed).permutation(len(labels))
     by_class = [order[labels[order] == c] for c in range(10)]
@@ -54,10 +60,10 @@ def _mnist_dataset(images: np.ndarray, labels: np.ndarray, index: np.ndarray) ->
 def mnist5k(train_size: int = 1000, seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
     """(train, test) from the 5,000 MNIST digits that ship with diffaug (BSD-3, see LICENSE-mnist5k-BSD3.txt):
     ``train_size`` digits, balanced over classes, for training; the rest for testing. Images (1, 28, 28) in [0, 1]."""
-    images, labels = _mnist_arrays()
+    images, labels = mnist_arrays()
     if not 10 <= train_size < len(labels):
         raise DiffAugError(f"train_size must be in [10, {len(labels) - 1}]; got {train_size}")
-    train, test = _balanced_subsets(labels, [train_size // 10], seed)
+    train, test = balanced_subsets(labels, [train_size // 10], seed)
     return _mnist_dataset(images, labels, train), _mnist_dataset(images, labels, np.sort(test))
 
 
@@ -71,15 +77,13 @@ def _patches(image: Tensor, count: int, size: int, generator: torch.Generator) -
     return patches
 
 
-def _photo_regions(regions: list[tuple[slice, slice]], per_class: int, size: int, seed: int) -> list[TensorDataset]:
+def photo_regions(regions: list[tuple[slice, slice]], per_class: int, size: int, seed: int) -> list[TensorDataset]:
     """One dataset per region: ``per_class`` patches of every shipped photo, drawn inside ``(rows, columns)``
     given as fractions of the photo's height and width."""
-    from ..fit import _read_image, shipped_images_dir
-
     generator = torch.Generator().manual_seed(seed)
     splits: list[tuple[list[Tensor], list[int]]] = [([], []) for _ in regions]
     for label, path in enumerate(sorted(shipped_images_dir().glob("*.png"))):
-        image = _read_image(path)
+        image = read_image(path)
         height, width = image.shape[-2:]
         for (rows, columns), (xs, ys) in zip(regions, splits, strict=True):
             part = image[:, round(rows.start * height) : round(rows.stop * height),
@@ -92,7 +96,7 @@ def _photo_regions(regions: list[tuple[slice, slice]], per_class: int, size: int
 def photo_patches(per_class: int = 100, size: int = 32, seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
     """A 10-class colour task from real photos: which of the ten shipped photos a size x size patch comes from.
     Training patches come from the left half of each photo, test patches from the right half."""
-    train, test = _photo_regions([(slice(0, 1), slice(0, 0.5)), (slice(0, 1), slice(0.5, 1))], per_class, size, seed)
+    train, test = photo_regions([(slice(0, 1), slice(0, 0.5)), (slice(0, 1), slice(0.5, 1))], per_class, size, seed)
     return train, test
 
 
@@ -110,16 +114,16 @@ def task_splits(task: str, seed: int = 0, per_class: int = 100) -> Splits:
     [20, 20, 20]
     """
     if task == "mnist":
-        images, labels = _mnist_arrays()
+        images, labels = mnist_arrays()
         if not 1 <= per_class <= 200:
             raise DiffAugError(f"per_class must be in [1, 200] for mnist (500 digits a class are shipped); got {per_class}")
-        train, validation, test = _balanced_subsets(labels, [per_class, per_class], seed)
+        train, validation, test = balanced_subsets(labels, [per_class, per_class], seed)
         return Splits(*(_mnist_dataset(images, labels, index) for index in (train, validation, np.sort(test))))
     if task == "photos":
         if not isinstance(per_class, int) or per_class < 1:
             raise DiffAugError(f"per_class must be a positive int; got {per_class!r}")
         regions = [(slice(0, 0.75), slice(0, 0.5)), (slice(0.75, 1), slice(0, 0.5)), (slice(0, 1), slice(0.5, 1))]
-        return Splits(*_photo_regions(regions, per_class, 32, seed))
+        return Splits(*photo_regions(regions, per_class, 32, seed))
     raise DiffAugError(f"task must be 'mnist' or 'photos'; got {task!r}")
 
 
@@ -255,7 +259,6 @@ def channel_statistics(images: Tensor) -> tuple[list[float], list[float]]:
 
 # The normalisation torchvision's ImageNet checkpoints expect (and the usual one for any ImageNet-style folder).
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 
 
 class ImageFolder(Dataset):
@@ -289,6 +292,15 @@ class ImageFolder(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def fingerprint(self) -> dict[str, Any]:
+        """What identifies this folder's data: a hash of every image's path (relative to the root), size and
+        label, and the classes. Cheap (no image is read); a changed, added or removed file changes it."""
+        digest = hashlib.sha256()
+        for path, label in self.samples:
+            digest.update(f"{path.relative_to(self.root)}\0{path.stat().st_size}\0{label}\n".encode())
+        return {"images": len(self.samples), "classes": len(self.classes), "sha256": digest.hexdigest(),
+                "train": self.train, "size": self.size}
+
     def _crop_box(self, width: int, height: int) -> tuple[float, float, float, float]:
         area = width * height
         for _ in range(10):
@@ -305,11 +317,7 @@ class ImageFolder(Dataset):
 
     def __getitem__(self, item: int) -> tuple[Tensor, int]:
         path, label = self.samples[item]
-        try:
-            with Image.open(path) as opened:
-                image = opened.convert("RGB")
-        except OSError as error:
-            raise DiffAugError(f"{path} could not be decoded as an image: {error}") from None
+        image = open_rgb(path)
         width, height = image.size
         if self.train:
             image = image.resize((self.size, self.size), Image.BILINEAR, box=self._crop_box(width, height))
@@ -322,3 +330,29 @@ class ImageFolder(Dataset):
             image = image.resize((w, h), Image.BILINEAR).crop((left, top, left + self.size, top + self.size))
         array = np.asarray(image, dtype=np.uint8).copy()
         return torch.from_numpy(array).permute(2, 0, 1).float().div(255), label
+
+
+def standard_augment(data: str) -> Callable[[Tensor, torch.Generator], Tensor]:
+    """The paper's baseline augmentation for every model of a shipped dataset (``"mnist"``, ``"photos"``,
+    ``"cifar"``): a 4-px padded random crop, and a flip except on digits."""
+    return functools.partial(random_crop_flip, padding=4, flip=data != "mnist")
+
+
+def data_identity(loader: Any) -> dict[str, Any] | None:
+    """What identifies the data a loader (or a dataset) yields, as plain JSON, or None where it cannot be known:
+    a dataset's own ``fingerprint()`` (``ImageFolder``), a hash of a ``TensorDataset``'s tensors, else its class
+    and length. Checkpoints and the command's teacher cache record it, so that a run is not resumed, nor a cached
+    teacher reused, on other data."""
+    dataset = getattr(loader, "dataset", loader)
+    if hasattr(dataset, "fingerprint") and callable(dataset.fingerprint):
+        return dataset.fingerprint()
+    if isinstance(dataset, TensorDataset):
+        digest = hashlib.sha256()
+        for tensor in dataset.tensors:
+            digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        return {"class": "TensorDataset", "length": len(dataset), "sha256": digest.hexdigest()}
+    try:
+        return {"class": type(dataset).__name__, "length": len(dataset)}
+    except TypeError:
+        return None

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
 from ..errors import DiffAugError
-from .data import Splits, _balanced_subsets, _mnist_arrays, _photo_regions
+from .data import Splits, balanced_subsets, mnist_arrays, photo_regions
 
 __all__ = ["SEGMENTATION_CLASSES", "TinyLocaliser", "TinySegmenter", "dense_models", "digit_scenes"]
 
@@ -89,10 +89,10 @@ def digit_scenes(task: str, seed: int = 0, sizes: tuple[int, int, int] = (1000, 
         raise DiffAugError(f"sizes must be three multiples of 10 (train, validation, test); got {sizes!r}")
     regions = [(slice(0, 0.75), slice(0, 0.5)), (slice(0.75, 1), slice(0, 0.5)), (slice(0, 1), slice(0.5, 1))]
     backgrounds = [d.tensors[0] for d in
-                   (_photo_regions([r], n // 10, SIZE, seed + i)[0] for i, (r, n) in enumerate(zip(regions, sizes)))]
-    images, labels = _mnist_arrays()
+                   (photo_regions([r], n // 10, SIZE, seed + i)[0] for i, (r, n) in enumerate(zip(regions, sizes)))]
+    images, labels = mnist_arrays()
     per_class = [min(200, n // 10) for n in sizes[:2]]  # digits of a class for train and validation
-    subsets = _balanced_subsets(labels, per_class, seed)
+    subsets = balanced_subsets(labels, per_class, seed)
     order = np.random.default_rng(seed + 7)
     splits = []
     for i, (background, index) in enumerate(zip(backgrounds, subsets, strict=True)):

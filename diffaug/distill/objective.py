@@ -20,7 +20,14 @@ __all__ = ["KD_LOSSES", "LogitKD", "dist_loss", "dkd_loss", "kd_loss", "log_one_
 
 LogitKD = Callable[[Tensor, Tensor, Tensor], Tensor]
 """``kd(student_logits, teacher_logits, targets) -> scalar``: the distillation term of Stage III, next to CE."""
-KD_LOSSES: tuple[str, ...] = ("kd", "dkd", "dist")
+KD_LOSSES: dict[str, Callable[[float], LogitKD]] = {
+    "kd": lambda temperature: lambda s, t, y: soft_kl(s, t, temperature),
+    "dkd": lambda temperature: lambda s, t, y: dkd_loss(s, t, y, temperature=temperature),
+    "dist": lambda temperature: lambda s, t, y: dist_loss(s, t, temperature=temperature),
+}
+"""Stage III's distillation terms by name: ``name -> factory(temperature) -> LogitKD``, with each paper's other
+defaults. ``Distiller(kd=...)`` and ``python -m diffaug.distill --kd`` take their names from here, so a new KD loss
+is one entry."""
 
 
 def _check_logits(name: str, logits: Tensor, targets: Tensor | None, other: Tensor | None = None) -> None:
@@ -162,19 +169,14 @@ def tst_terms(teacher_logits: Tensor, student_logits: Tensor, targets: Tensor) -
 
 
 def logit_kd(kind: str | LogitKD, temperature: float = 4.0) -> LogitKD:
-    """The distillation term named ``kind`` at ``temperature``: "kd" (Eq. 1's tau^2 KL), "dkd" (``dkd_loss``) or
-    "dist" (``dist_loss``) with their papers' other defaults; a callable is returned as it is."""
+    """The distillation term named ``kind`` in ``KD_LOSSES`` at ``temperature``; a callable is returned as it is."""
     _check_temperature(temperature)
     if callable(kind):
         return kind
-    if kind == "kd":
-        return lambda s, t, y: soft_kl(s, t, temperature)
-    if kind == "dkd":
-        return lambda s, t, y: dkd_loss(s, t, y, temperature=temperature)
-    if kind == "dist":
-        return lambda s, t, y: dist_loss(s, t, temperature=temperature)
-    raise DiffAugError(f"kd must be one of {list(KD_LOSSES)} or a callable kd(student_logits, teacher_logits, "
-                       f"targets); got {kind!r}")
+    if not isinstance(kind, str) or kind not in KD_LOSSES:
+        raise DiffAugError(f"kd must be one of {list(KD_LOSSES)} or a callable kd(student_logits, teacher_logits, "
+                           f"targets); got {kind!r}")
+    return KD_LOSSES[kind](temperature)
 
 
 def stage_three_loss(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, kd: LogitKD,
