@@ -211,3 +211,33 @@ def test_priors_load_from_a_built_wheel(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "torch.Size([2, 3, 16, 16]) 11" in result.stdout
+
+
+def test_a_manifest_cannot_point_outside_its_folder(priors_copy: Path, tmp_path: Path) -> None:
+    """A valid weight file with its right hash, but outside the folder (by '..', an absolute path or a link), is
+    not loaded, and the error prints no hash of it."""
+    outside = tmp_path / "outside.pt"
+    shutil.copy(_weight_file(priors_copy), outside)
+    manifest = json.loads((priors_copy / MANIFEST).read_text())
+    (priors_copy / "link.pt").symlink_to(outside)
+    for file in ("../outside.pt", str(outside), "link.pt"):
+        manifest["ops"]["Rotate"]["file"] = file
+        (priors_copy / MANIFEST).write_text(json.dumps(manifest))
+        with pytest.raises(DiffAugError, match=r"the file of Rotate must be a file name inside the priors folder") as caught:
+            load_priors(priors_copy)
+        assert manifest["ops"]["Rotate"]["sha256"] not in str(caught.value)
+
+
+def test_non_finite_weights_with_a_valid_hash_are_refused(priors_copy: Path) -> None:
+    """The hash vouches for the bytes; NaN weights would give NaN images, so the values are checked too."""
+    from diffaug.priors import save_priors
+
+    encoders = load_priors(priors_copy)
+    state = encoders["Rotate"].state_dict()
+    next(v for v in state.values() if v.is_floating_point()).fill_(float("nan"))
+    manifest = read_manifest(priors_copy)
+    header = {k: v for k, v in manifest.items() if k not in ("format", "op_table_fingerprint", "ops")}
+    record = {k: v for k, v in manifest["ops"]["Rotate"].items() if k not in ("file", "sha256")}
+    save_priors(priors_copy, {"Rotate": encoders["Rotate"]}, {"Rotate": record}, header)
+    with pytest.raises(DiffAugError, match=r"must hold finite weights; got NaN or inf in \["):
+        load_priors(priors_copy)
