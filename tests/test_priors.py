@@ -241,3 +241,22 @@ def test_non_finite_weights_with_a_valid_hash_are_refused(priors_copy: Path) -> 
     save_priors(priors_copy, {"Rotate": encoders["Rotate"]}, {"Rotate": record}, header)
     with pytest.raises(DiffAugError, match=r"must hold finite weights; got NaN or inf in \["):
         load_priors(priors_copy)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_written_files_get_the_mode_of_a_plain_write(tmp_path: Path, umask: int) -> None:
+    """write_atomic's temporary file is 0600 (mkstemp); the file it leaves must have what open() would give it:
+    0666 less the umask for a new file, the old file's mode for a replaced one."""
+    from diffaug.files import write_atomic
+
+    previous = os.umask(umask)
+    try:
+        new = write_atomic(tmp_path / "new.txt", lambda t: Path(t).write_text("x"))
+        assert new.stat().st_mode & 0o777 == 0o666 & ~umask
+        old = tmp_path / "old.txt"
+        old.write_text("old")
+        old.chmod(0o640)
+        write_atomic(old, lambda t: Path(t).write_text("new"))
+        assert old.stat().st_mode & 0o777 == 0o640 and old.read_text() == "new"
+    finally:
+        os.umask(previous)
