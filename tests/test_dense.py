@@ -232,7 +232,7 @@ def test_bench_dense_smoke_run(tmp_path: Path) -> None:
     results = tmp_path / "dense.json"
     _run(str(ROOT / "benchmarks" / "bench_dense.py"), "--seeds", "0", "--epochs", "1", "--teacher-epochs", "1",
          "--scenes", "40", "10", "20", "--results", str(results), "--cache-dir", str(tmp_path), "--jobs", "1",
-         timeout=600)
+         timeout=1800)
     import json
 
     runs = json.loads(results.read_text())["runs"]
@@ -246,7 +246,7 @@ def test_bench_dense_smoke_run(tmp_path: Path) -> None:
     # Search settings other than the defaults make runs of their own; the stored runs keep their identity.
     _run(str(ROOT / "benchmarks" / "bench_dense.py"), "--seeds", "0", "--epochs", "1", "--teacher-epochs", "1",
          "--scenes", "40", "10", "20", "--results", str(results), "--cache-dir", str(tmp_path), "--jobs", "1",
-         "--tasks", "localisation", "--search-lr", "0.1", "--search-passes", "2", timeout=600)
+         "--tasks", "localisation", "--search-lr", "0.1", "--search-passes", "2", timeout=1800)
     after = json.loads(results.read_text())["runs"]
     assert len(after) == len(runs) + 1
     assert [r["config"] for r in after if "search_lr" in r["config"]] == [
