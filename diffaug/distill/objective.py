@@ -95,8 +95,9 @@ def kd_loss(
 
 
 def _check_temperature(temperature: float) -> None:
-    if not (isinstance(temperature, (int, float)) and temperature > 0):
-        raise DiffAugError(f"temperature must be a positive number; got {temperature!r}")
+    # inf would make every softened distribution uniform and tau^2 KL = inf * 0 = NaN; NaN fails the comparison.
+    if isinstance(temperature, bool) or not (isinstance(temperature, (int, float)) and 0 < temperature < float("inf")):
+        raise DiffAugError(f"temperature must be a positive finite number; got {temperature!r}")
 
 
 def soft_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0) -> Tensor:

@@ -175,6 +175,9 @@ class Segmentation(Task):
 
     def metric(self, statistics: Tensor) -> float:
         classes = int(round(statistics.numel() ** 0.5))
+        if statistics.dim() != 1 or classes * classes != statistics.numel():
+            raise DiffAugError(f"segmentation statistics must be a flattened C x C confusion matrix (from statistics()); "
+                               f"got shape {tuple(statistics.shape)}")
         confusion = statistics.view(classes, classes)
         hit = confusion.diag()
         union = confusion.sum(0) + confusion.sum(1) - hit
