@@ -108,6 +108,9 @@ def _read_image(path: Path) -> Tensor:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)  # refused, not decoded into memory
             with Image.open(path) as image:
+                if image.mode.startswith("I;16"):  # convert("RGB") would clip 16-bit levels to 255: all white
+                    levels = np.asarray(image, dtype=np.float32) / 65535
+                    return torch.from_numpy(levels).expand(3, -1, -1).clone()
                 array = np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         # PIL's errors for a corrupt, truncated or oversized file (SyntaxError from some of its parsers)

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from diffaug import DiffAugError, load_priors
@@ -134,3 +135,17 @@ def test_demo_writes_atomically_with_a_plain_mode(tmp_path: Path, monkeypatch: p
     assert out.stat().st_mode & 0o777 == 0o644
     with PILImage.open(out) as image:
         assert image.size == (16, 16)
+
+
+def test_16_bit_images_are_read_at_their_levels(tmp_path: Path) -> None:
+    """A 16-bit grayscale PNG (mode I;16) through convert("RGB") comes out almost all white; its levels are kept."""
+    import numpy as np
+
+    from diffaug.fit import load_images
+
+    levels = (np.arange(32 * 32).reshape(32, 32) * 64).astype(np.uint16)
+    Image.fromarray(levels).save(tmp_path / "gray16.png")
+    (image,), _ = load_images(tmp_path)
+    assert image.shape == (3, 32, 32)
+    torch_levels = image[0].double() * 65535
+    assert float((torch_levels - torch.from_numpy(levels.astype(np.float64))).abs().max()) < 0.01  # float32 rounding
