@@ -86,6 +86,8 @@ def kd_loss(
 ) -> Tensor:
     """Eq. 1: w_ce CE(student, y) + w_kl tau^2 KL(softmax(teacher / tau) || softmax(student / tau)), batch mean.
 
+    Every target must be a class in [0, C): there is no ignore_index (-100 included; see ``check_class_indices``).
+
     Example:
         >>> s, t = torch.randn(4, 10), torch.randn(4, 10)
         >>> kd_loss(s, t, torch.tensor([0, 1, 2, 3])).shape
