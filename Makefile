@@ -18,7 +18,7 @@ demo: $(VENV)/.installed
 	$(PY) -m diffaug demo --out demo.png
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -n 2 -q
+	$(PY) -m pytest -n 2 --dist worksteal -q
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_speed.py

@@ -40,6 +40,8 @@ part() {
   local name=$1 limit=$2 output=$3 start=$SECONDS rc
   shift 3
   [ "$output" = "-" ] && output="$LOG"
+  # The limits keep a device run inside its lease; a smoke run (a test) has none: a loaded machine is no failure.
+  [ "$SMOKE" = 1 ] && limit=0  # timeout 0: no limit
   echo "== $name (limit ${limit} s): $*" >>"$LOG"
   timeout "$limit" "$@" >>"$output" 2>>"$LOG"
   rc=$?

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import DiffAugError, check_images, check_magnitude
-from .ops import clip01, get_op, grid_scale, warp
+from .ops import clip01, eight_bit_levels, geometry_dtype, get_op, grid_scale, warp
 
 __all__ = ["ARCHS", "MagnitudeNetStack", "MetaEncoder", "build_encoder", "freeze"]
 
@@ -265,7 +265,7 @@ class StaircaseEncoder(MetaEncoder):
         gates = _step(magnitude.to(centre.dtype).unsqueeze(1), centre, width, surrogate).to(x.dtype)  # (B, bits)
         # Posterize to 8 - k bits subtracts bits 0..k-1 of the 8-bit level; gate k removes bit k - 1. What each
         # image loses at each level is a per-image table of 256 values, so the per-pixel work is one lookup.
-        levels = torch.round(x.detach() * 255).long().clamp_(0, 255)
+        levels = eight_bit_levels(x).long().clamp_(0, 255)
         table = gates @ self.bit_values.to(x.dtype).t()  # (B, 256)
         drop = table.gather(1, levels.flatten(1)).view_as(x)
         return clip01(x - drop)  # as the reference: a value just above a level's midpoint could dip below 0
@@ -292,10 +292,13 @@ class ThresholdEncoder(MetaEncoder):
 
     def transform(self, x: Tensor, magnitude: Tensor, coefficients: Tensor | None = None) -> Tensor:
         depth = self.depth(magnitude) if coefficients is None else coefficients
-        tau = (256 / 255 - depth[:, 0]).to(x.dtype).view(-1, 1, 1, 1)
-        width = ((0.25 + 1.75 * torch.sigmoid(self.width)) / 255).to(x.dtype)
+        # The step in float32 for half-precision images: it is 0.25 to 2 levels wide, and 0.5 - tau / width (~10**3)
+        # would keep no fraction of a level in half precision.
+        wide = geometry_dtype(x)
+        tau = (256 / 255 - depth[:, 0]).to(wide).view(-1, 1, 1, 1)
+        width = ((0.25 + 1.75 * torch.sigmoid(self.width)) / 255).to(wide)
         surrogate = None if self.training else self.surrogate_width
-        return torch.addcmul(x, _step(x, tau, width, surrogate), 1 - 2 * x)
+        return torch.addcmul(x, _step(x.to(wide), tau, width, surrogate).to(x.dtype), 1 - 2 * x)
 
 
 class AffineEncoder(MetaEncoder):

@@ -17,6 +17,22 @@ def _describe(x: torch.Tensor) -> str:
     return f"{str(x.dtype).removeprefix('torch.')} of shape {tuple(x.shape)}"
 
 
+def format_bound(value: float, low: float, high: float) -> str:
+    """``value`` with 4 significant digits, or as many more as it takes to show on which side of [low, high] it
+    lies: 1.00001 is out of [0, 1], and "1" would say it is not."""
+    inside = low <= value <= high
+    for digits in range(4, 18):
+        text = f"{value:.{digits}g}"
+        if (low <= float(text) <= high) == inside:
+            return text
+    return repr(value)
+
+
+def format_range(low_value: float, high_value: float, low: float, high: float) -> str:
+    """"[min, max]" of values checked against [low, high], each written by ``format_bound``."""
+    return f"[{format_bound(low_value, low, high)}, {format_bound(high_value, low, high)}]"
+
+
 def check_images(x: object, name: str = "images", value_range: tuple[float, float] = (0.0, 1.0)) -> None:
     """Check the image contract: float (B, C, H, W) or (C, H, W), C in {1, 3}, finite values in ``value_range``.
 
@@ -31,7 +47,8 @@ def check_images(x: object, name: str = "images", value_range: tuple[float, floa
         raise DiffAugError(f"{expected}; got {_describe(x)}")
     channels = x.shape[-3]
     if channels not in (1, 3):
-        hint = " (channels-last? use x.permute(0, 3, 1, 2))" if x.shape[-1] in (1, 3) else ""
+        permute = "x.permute(2, 0, 1)" if x.dim() == 3 else "x.permute(0, 3, 1, 2)"
+        hint = f" (channels-last? use {permute})" if x.shape[-1] in (1, 3) else ""
         raise DiffAugError(f"{expected}; got {_describe(x)} with {channels} channels{hint}")
     if x.numel() == 0:
         raise DiffAugError(f"{expected}; got an empty tensor of shape {tuple(x.shape)}")
@@ -40,7 +57,7 @@ def check_images(x: object, name: str = "images", value_range: tuple[float, floa
     if not (lo >= value_range[0] and hi <= value_range[1]):
         if not torch.isfinite(x).all():
             raise DiffAugError(f"{expected}; got {_describe(x)} containing NaN or inf")
-        raise DiffAugError(f"{expected}; got values in [{lo:.4g}, {hi:.4g}]")
+        raise DiffAugError(f"{expected}; got values in {format_range(lo, hi, *value_range)}")
 
 
 def check_magnitude(magnitude: object, batch: int, signed: bool, op: str) -> torch.Tensor:
@@ -51,9 +68,9 @@ def check_magnitude(magnitude: object, batch: int, signed: bool, op: str) -> tor
         raise DiffAugError(f"{expected}; got {type(magnitude).__name__}")
     if not magnitude.is_floating_point() or tuple(magnitude.shape) != (batch,):
         raise DiffAugError(f"{expected}; got {_describe(magnitude)}")
-    mlo, mhi = torch.aminmax(magnitude.detach())
-    if not (mlo >= lo and mhi <= 1.0):
-        raise DiffAugError(f"{expected}; got values in [{mlo.item():.4g}, {mhi.item():.4g}]")
+    mlo, mhi = (float(v) for v in torch.aminmax(magnitude.detach()))
+    if not (mlo >= lo and mhi <= 1.0):  # NaN fails both
+        raise DiffAugError(f"{expected}; got values in {format_range(mlo, mhi, lo, 1.0)}")
     return magnitude
 
 

@@ -44,6 +44,10 @@ FIDELITY_TARGETS = {
 }
 
 
+# Sharpness's 3x3 filter leaves an image under 3 px as it is, so a smaller fit would teach its encoder nothing.
+MIN_IMAGE_SIZE = 3
+
+
 @dataclass(frozen=True)
 class FitSettings:
     """Settings of one Stage I fit; defaults are those of the shipped priors."""
@@ -56,6 +60,39 @@ class FitSettings:
     refine_batch_size: int = 256
     seed: int = 0
     device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        # Zero steps or an empty batch do not fit anything: they would write priors worse than none, or a
+        # "diverged" error about a loss that was never computed.
+        for name, least in (("steps", 1), ("batch_size", 1), ("image_size", MIN_IMAGE_SIZE),
+                            ("refine_iterations", 0), ("refine_batch_size", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise DiffAugError(f"{name} must be an int >= {least}; got {value!r}")
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not 0 < self.lr < math.inf:
+            raise DiffAugError(f"lr must be a positive finite number; got {self.lr!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise DiffAugError(f"seed must be an int; got {self.seed!r}")
+        check_device(self.device)
+
+
+def check_device(device: object) -> torch.device:
+    """``device`` as a torch.device, refused with ``DiffAugError`` before any work if it is not one this machine
+    has (a CUDA device without CUDA, an index beyond the GPUs)."""
+    try:
+        parsed = torch.device(device)  # type: ignore[arg-type]
+    except (RuntimeError, TypeError):
+        raise DiffAugError(f"device must be a torch device such as 'cpu', 'cuda' or 'cuda:1'; got {device!r}") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DiffAugError(f"device must be one this machine has; got {device!r}, and torch sees no CUDA device "
+                               "(use --device cpu)")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise DiffAugError(f"device must be one this machine has; got {device!r}, and torch sees "
+                               f"{torch.cuda.device_count()} CUDA device(s)")
+    elif parsed.type != "cpu" and not (parsed.type == "mps" and torch.backends.mps.is_available()):
+        raise DiffAugError(f"device must be 'cpu' or a CUDA device this machine has; got {device!r}")
+    return parsed
 
 
 def load_images(folder: str | Path | None = None) -> tuple[list[Tensor], list[Tensor]]:
@@ -290,7 +327,7 @@ def fit_priors(
 ) -> tuple[Path, dict[str, dict[str, Any]]]:
     """Fit ``ops``, measure them and write the priors folder ``out`` atomically (nothing is written until every op
     is fitted, so an interruption leaves the previous priors as they were). Returns the folder and the records."""
-    from .priors import save_priors, shipped_priors_dir
+    from .priors import MANIFEST, read_manifest, save_priors, shipped_priors_dir
 
     import kornia
     import PIL
@@ -305,6 +342,16 @@ def fit_priors(
     bad = [o for o in ops if o not in MAGNITUDE_OPS]
     if bad:
         raise DiffAugError(f"ops to fit must be magnitude ops from {list(MAGNITUDE_OPS)}; got {bad}")
+    if not ops:
+        raise DiffAugError(f"ops to fit must name at least one op from {list(MAGNITUDE_OPS)}; got none")
+    # Everything that would make the save fail is checked before the fit, which can take many minutes.
+    if out.exists() and not out.is_dir():
+        raise DiffAugError(f"out must be a priors folder (new or written by fit-priors); got {str(out)!r}, which is "
+                           "a file")
+    if (out / MANIFEST).exists() and read_manifest(out)["arch"] != arch:
+        raise DiffAugError(f"out {str(out)!r} holds {read_manifest(out)['arch']!r} priors; refusing to mix in "
+                           f"{arch!r} ones (choose another --out)")
+    check_device(settings.device)
     fit_images, held_images = load_images(images)
     crops_generator = torch.Generator().manual_seed(settings.seed)
     pool = random_crops(fit_images, _pool_size(settings.image_size), settings.image_size, crops_generator)

@@ -59,6 +59,11 @@ def smooth(x: Tensor) -> Tensor:
     return out
 
 
+def eight_bit_levels(x: Tensor) -> Tensor:
+    """round(255 x), detached, in float32 or wider: in bf16, 255 x has a spacing of one level above 128."""
+    return torch.round(x.detach().to(torch.promote_types(x.dtype, torch.float32)) * 255)
+
+
 def clip01(x: Tensor) -> Tensor:
     """Clip to [0, 1]. hardtanh, not clamp: the same values and gradients, with a 3x faster backward on CPU."""
     return F.hardtanh(x, 0.0, 1.0)
@@ -80,8 +85,9 @@ def warp(x: Tensor, linear: Tensor, shift: Tensor, mode: Literal["bilinear", "ne
     meta-encoder could then not be fitted closely at the rim (measured: 46 dB against 60+ dB).
 
     The sampling grid is one matrix product, as in ``F.affine_grid``, so it follows the float32 matmul precision
-    setting (``torch.backends.cuda.matmul.allow_tf32`` and the like) as that does; under autocast it stays in the
-    images' dtype.
+    setting (``torch.backends.cuda.matmul.allow_tf32`` and the like) as that does. Geometry is never computed in
+    half precision (see ``geometry_dtype``): the grid and the sampling run in float32 for fp16 and bf16 images,
+    under autocast or not, and the result is cast back to the images' dtype.
 
     Args:
         x: (B, C, H, W) images.
@@ -92,29 +98,38 @@ def warp(x: Tensor, linear: Tensor, shift: Tensor, mode: Literal["bilinear", "ne
     return resample(x, sampling_grid(x, linear, shift), mode)
 
 
+def geometry_dtype(x: Tensor) -> torch.dtype:
+    """The dtype geometry (matrices, grids, sampling) is computed in for images like ``x``: float32 for fp16 and
+    bf16 images, their own dtype otherwise. A bf16 grid has 8 significant bits, about a pixel at 224 px, and fp16
+    overflows or rounds grid coordinates alike; the CPU grid_sample in half returns NaN or moved pixels."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def sampling_grid(x: Tensor, linear: Tensor, shift: Tensor) -> Tensor:
-    """(B, H, W, 2) grid of ``warp``'s maps for images like ``x`` (its size, dtype and device), to sample other
-    tensors of the same images by the same maps with ``resample`` (masks after their images) without rebuilding it."""
+    """(B, H, W, 2) grid of ``warp``'s maps for images like ``x`` (their size and device), in ``geometry_dtype(x)``,
+    to sample other tensors of the same images by the same maps with ``resample`` (masks after their images)
+    without rebuilding it."""
     if torch.is_autocast_enabled(x.device.type):  # a half-precision grid would move pixels by ~1e-3 of the size
         with torch.autocast(x.device.type, enabled=False):
             return sampling_grid(x, linear, shift)
     height, width = x.shape[-2:]
-    scaled = linear.to(x.dtype) * grid_scale(height, width, x)
+    dtype = geometry_dtype(x)
+    scaled = linear.to(dtype) * grid_scale(height, width, linear.new_empty(0, dtype=dtype))
     # Per image: the grid's (x, y) step per unit of u, per unit of v, and its offset; see _grid_basis.
-    theta = torch.cat([scaled.transpose(1, 2).reshape(-1, 4), 2 * shift.to(x.dtype)], dim=1)
-    return (theta @ _grid_basis(height, width, x.dtype, x.device)).view(-1, height, width, 2)
+    theta = torch.cat([scaled.transpose(1, 2).reshape(-1, 4), 2 * shift.to(dtype)], dim=1)
+    return (theta @ _grid_basis(height, width, dtype, x.device)).view(-1, height, width, 2)
 
 
 def warp_rows(x: Tensor, linear: Tensor, shift: Tensor, rows: Tensor, mode: Literal["bilinear", "nearest"] = "bilinear",
               grid: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     """``warp`` of the images ``rows`` of ``x`` (sorted, unique), the others as they are, and the grid they were
     sampled at (None if no row). ``linear`` and ``shift`` are the whole batch's; ``grid``, the same rows' grid from
-    an earlier call (their images before their masks), is reused where it is in ``x``'s dtype."""
+    an earlier call (their images before their masks), is reused where it is in ``geometry_dtype(x)``."""
     if rows.numel() == 0:
         return x, None
     every = rows.numel() == x.shape[0]  # rows are sorted: then they are every image, with no gather or scatter
     part = x if every else x.index_select(0, rows)
-    if grid is None or grid.dtype != x.dtype:
+    if grid is None or grid.dtype != geometry_dtype(x):
         grid = sampling_grid(part, linear if every else linear.index_select(0, rows),
                              shift if every else shift.index_select(0, rows))
     warped = resample(part, grid, mode)
@@ -122,11 +137,17 @@ def warp_rows(x: Tensor, linear: Tensor, shift: Tensor, rows: Tensor, mode: Lite
 
 
 def resample(x: Tensor, grid: Tensor, mode: Literal["bilinear", "nearest"] = "bilinear") -> Tensor:
-    """``x`` sampled at ``grid`` (from ``sampling_grid``), black outside the image: the second half of ``warp``."""
-    if torch.is_autocast_enabled(x.device.type):  # in the images' dtype, as without autocast
+    """``x`` sampled at ``grid`` (from ``sampling_grid``), black outside the image: the second half of ``warp``.
+
+    Sampled in ``geometry_dtype(x)`` and returned in ``x``'s dtype: half-precision images are sampled in float32.
+    """
+    if torch.is_autocast_enabled(x.device.type):  # as without autocast
         with torch.autocast(x.device.type, enabled=False):
             return resample(x, grid, mode)
-    grid = grid.to(x.dtype)
+    dtype = geometry_dtype(x)
+    if x.dtype != dtype:
+        return resample(x.to(dtype), grid, mode).to(x.dtype)
+    grid = grid.to(dtype)
     if torch.compiler.is_compiling() and x.device.type == "cpu":
         return _grid_sample_cpu(x, grid, 0 if mode == "bilinear" else 1)
     return F.grid_sample(x, grid, mode=mode, padding_mode="zeros", align_corners=False)
@@ -204,7 +225,7 @@ def gray_mean(x: Tensor) -> Tensor:
 def posterize(x: Tensor, bits: Tensor) -> Tensor:
     """Keep the top ``bits`` of each 8-bit level; whatever lies below a level is kept, so 8 bits is the identity."""
     step = torch.exp2(8 - bits.to(x)).view(-1, 1, 1, 1)
-    levels = torch.round(x.detach() * 255)
+    levels = eight_bit_levels(x).to(x.dtype)
     # A value just above a level's midpoint rounds up and could dip below 0 by half a level; hence the clip.
     return clip01(x - torch.remainder(levels, step) / 255)
 
@@ -212,14 +233,15 @@ def posterize(x: Tensor, bits: Tensor) -> Tensor:
 def solarize(x: Tensor, threshold: Tensor) -> Tensor:
     """Invert every value at or above ``threshold``; a threshold above 1 (e.g. 256/255) inverts nothing."""
     # Compare in 8-bit levels with a small allowance so that level k/255 meets a threshold of exactly k/255.
-    invert = x * 255 >= threshold.to(x).view(-1, 1, 1, 1) * 255 - 1e-3
+    wide = torch.promote_types(x.dtype, torch.float32)  # a bf16 product is a level off above 128
+    invert = x.to(wide) * 255 >= threshold.to(wide).view(-1, 1, 1, 1) * 255 - 1e-3
     return torch.where(invert, 1 - x, x)
 
 
 def equalize(x: Tensor) -> Tensor:
     """PIL's ImageOps.equalize per image and channel, batched (kornia's loops over images)."""
     b, c, h, w = x.shape
-    levels = torch.round(x.detach() * 255).long().clamp_(0, 255).view(b * c, h * w)
+    levels = eight_bit_levels(x).long().clamp_(0, 255).view(b * c, h * w)
     # The histogram and look-up table hold integers; in floating point (exact below 2**24 pixels per channel) their
     # arithmetic is cheaper than in int64, and the table maps straight to values in [0, 1].
     counts = torch.float32 if h * w < 2**24 else torch.float64
@@ -242,6 +264,7 @@ def cutout(x: Tensor, position: Tensor, fraction: float = CUTOUT_FRACTION) -> Te
     """Zero a square of side ``fraction * min(H, W)`` centred at ``position`` ((B, 2) fractions of (W, H))."""
     height, width = x.shape[-2:]
     half = fraction * min(height, width) / 2
+    position = position.to(geometry_dtype(x))  # bf16 pixel indices are exact only up to 256
     cols = torch.arange(width, device=x.device, dtype=position.dtype) + 0.5
     rows = torch.arange(height, device=x.device, dtype=position.dtype) + 0.5
     inside_x = (cols - position[:, :1] * width).abs() < half
@@ -351,7 +374,7 @@ def _affine(name: str, parameter: Callable, parameter_range: str, linear: Callab
         return linear(p), shift(p)
 
     def reference(x: Tensor, m: Tensor, _: Tensor) -> Tensor:
-        return warp(x, *geometry(m.to(x.dtype)))
+        return warp(x, *geometry(m.to(geometry_dtype(x))))
 
     return OpSpec(name, "affine", True, parameter, parameter_range, reference, "affine", geometry=geometry)
 
@@ -431,7 +454,7 @@ def apply_op(
     check_magnitude(magnitude, batch.shape[0], spec.signed, name)
     if position is None:
         position = torch.rand(batch.shape[0], 2, generator=generator, device=generator.device if generator else "cpu")
-    out = spec.reference(batch, magnitude.to(batch.device), position.to(batch.device, batch.dtype))
+    out = spec.reference(batch, magnitude.to(batch.device), position.to(batch.device, geometry_dtype(batch)))
     return out.squeeze(0) if unbatched else out
 
 

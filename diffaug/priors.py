@@ -82,6 +82,22 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     return manifest
 
 
+def _weights_path(folder: Path, name: str, entry: object) -> Path:
+    """The weight file of a manifest entry: a plain file name inside ``folder``. Nothing outside it is opened (or
+    hashed into an error message), whatever the manifest says."""
+    if not isinstance(entry, dict):
+        raise DiffAugError(f"{folder / MANIFEST}: the entry of {name} must be an object with \"file\" and "
+                           f"\"sha256\"; got {type(entry).__name__} ({_REGENERATE})")
+    file = entry.get("file")
+    inside = isinstance(file, str) and file not in ("", ".", "..") and Path(file).name == file \
+        and "\\" not in file
+    path = folder / file if inside else folder
+    if not inside or path.resolve().parent != folder.resolve():  # a link out of the folder is outside too
+        raise DiffAugError(f"{folder / MANIFEST}: the file of {name} must be a file name inside the priors folder "
+                           f"(no directories, '..' or absolute paths); got {file!r} ({_REGENERATE})")
+    return path
+
+
 def load_priors(path: str | os.PathLike | None = None, arch: str = "default") -> dict[str, MetaEncoder]:
     """Load fitted, frozen encoders by op name.
 
@@ -102,7 +118,7 @@ def load_priors(path: str | os.PathLike | None = None, arch: str = "default") ->
     for name, entry in manifest["ops"].items():
         if name not in MAGNITUDE_OPS:
             raise DiffAugError(f"{folder / MANIFEST} lists op {name!r}; expected ops from {list(MAGNITUDE_OPS)}")
-        weights = folder / str(entry.get("file", ""))
+        weights = _weights_path(folder, name, entry)
         if not weights.is_file():
             raise DiffAugError(f"prior for {name} must be in {weights}; the file is missing ({_REGENERATE})")
         data = weights.read_bytes()
@@ -120,6 +136,11 @@ def load_priors(path: str | os.PathLike | None = None, arch: str = "default") ->
         except Exception as error:  # untrusted bytes: whatever the restricted unpickler raises, it is not a prior
             raise DiffAugError(f"prior file {weights} must hold the {name} encoder's weights; {error} "
                                f"({_REGENERATE})") from None
+        bad = [key for key, value in encoder.state_dict().items()
+               if value.is_floating_point() and not bool(torch.isfinite(value).all())]
+        if bad:  # a hash vouches for the bytes, not for what they hold
+            raise DiffAugError(f"prior file {weights} must hold finite weights; got NaN or inf in {bad} "
+                               f"({_REGENERATE})")
         encoders[name] = freeze(encoder)
     return encoders
 

@@ -78,6 +78,43 @@ def check_targets(
         for i, p in enumerate(points):
             if not isinstance(p, Tensor) or p.dim() != 2 or p.shape[1] != width or not p.is_floating_point():
                 raise DiffAugError(f"{expected}; got {_describe(p)} for image {i}")
+        _check_coordinates(name, points)
+
+
+def _check_coordinates(name: str, points: Sequence[Tensor]) -> None:
+    """Finite coordinates, and boxes with x1 <= x2 and y1 <= y2: an inf would survive the move as a box that
+    covers the image, and a reordered box would be a different box. One reduction per image and kind."""
+    for i, p in enumerate(points):
+        if p.numel() == 0:
+            continue
+        if not bool(torch.isfinite(p).all()):
+            raise DiffAugError(f"{name} must have finite coordinates; got NaN or inf for image {i}: "
+                               f"{p[~torch.isfinite(p).all(1)][0].tolist()}")
+        if p.shape[1] == 4:
+            reversed_ = (p[:, 2:] < p[:, :2]).any(1)
+            if bool(reversed_.any()):
+                raise DiffAugError(f"boxes must be xyxy with x1 <= x2 and y1 <= y2; got {p[reversed_][0].tolist()} "
+                                   f"for image {i} (xywh or yxyx boxes? convert them to xyxy first)")
+
+
+def _check_label_masks(masks: Tensor, ignore_index: int) -> torch.dtype:
+    """The float dtype in which ``masks`` (integer labels) warp exactly, after checking that ``ignore_index`` is a
+    value of their dtype (else the padding would wrap, e.g. 255 to -1 in int8)."""
+    info = torch.iinfo(masks.dtype)
+    if not info.min <= ignore_index <= info.max:
+        raise DiffAugError(f"ignore_index must be representable in the masks' dtype {str(masks.dtype).removeprefix('torch.')} "
+                           f"(in [{info.min}, {info.max}]) to pad them; got {ignore_index} (use wider masks, e.g. "
+                           f"masks.long(), or another ignore_index)")
+    if info.bits <= 16 or masks.numel() == 0:  # every label - ignore_index is below 2**24 in magnitude
+        return torch.float32
+    lo, hi = (int(v) for v in torch.aminmax(masks))
+    span = max(abs(lo - ignore_index), abs(hi - ignore_index))
+    if span < 2**24:  # float32 integers are exact up to here
+        return torch.float32
+    if span < 2**53:
+        return torch.float64
+    raise DiffAugError(f"masks' labels must lie within 2**53 of ignore_index ({ignore_index}) to be warped exactly; "
+                       f"got labels in [{lo}, {hi}]")
 
 
 def _inverse(linear: Tensor) -> Tensor:
@@ -130,6 +167,8 @@ def move_targets(
         masks, boxes, keypoints and the boxes' keep flags (None for what was not given).
     """
     is_moved = torch.zeros(linear.shape[0], dtype=torch.bool, device=linear.device).index_fill(0, moved, True)
+    if masks is not None and masks.dim() == 3:
+        _check_label_masks(masks, ignore_index)
     if masks is not None:
         masks = _warp_masks(masks.to(linear.device), linear, shift, moved, ignore_index, grid)
     keep = None
@@ -151,15 +190,15 @@ def _warp_masks(masks: Tensor, linear: Tensor, shift: Tensor, moved: Tensor, ign
                 grid: Tensor | None) -> Tensor:
     if masks.dim() == 4:  # soft masks: bilinear, differentiable, as the images
         return warp_rows(masks, linear, shift, moved, grid=grid)[0]
-    # Labels - ignore_index as floats (exact below 2**24) warped by nearest neighbour: the zero padding brought in
-    # from outside the image then becomes ignore_index when it is added back, as do the pixels that had it. Nearest
-    # sampling copies an input value or the padding, so the floats stay exact integers: no rounding, and the
-    # arithmetic stays in float32 (on the CPU, 1.0 ms against 3.6 ms in int64 at 128x32x32). No gradient: labels
-    # are piecewise constant.
+    # Labels - ignore_index as floats warped by nearest neighbour: the zero padding brought in from outside the image
+    # then becomes ignore_index when it is added back, as do the pixels that had it. Nearest sampling copies an
+    # input value or the padding, so the floats stay exact integers: no rounding, and the arithmetic stays in
+    # float32 (on the CPU, 1.0 ms against 3.6 ms in int64 at 128x32x32), or float64 for labels 2**24 or more away
+    # from ignore_index (then with a float64 grid of its own). No gradient: labels are piecewise constant.
     if moved.numel() == 0:
         return masks
     with torch.no_grad():
-        values = masks.to(torch.float32).sub_(ignore_index).unsqueeze(1)
+        values = masks.to(_check_label_masks(masks, ignore_index)).sub_(ignore_index).unsqueeze(1)
         labels = warp_rows(values, linear, shift, moved, "nearest", grid)[0].squeeze(1)
         return labels.add_(ignore_index).to(masks.dtype)
 

@@ -27,7 +27,7 @@ def _bench():
 
 def _run(*args: str) -> str:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=600)
+    result = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 

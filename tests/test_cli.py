@@ -7,12 +7,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from diffaug import DiffAugError, load_priors
 from diffaug.cli import main
 import diffaug.fit as fit_module
 from diffaug.fit import FitSettings, fit_priors
+from diffaug.images import shipped_images_dir
 from diffaug.priors import read_manifest, shipped_priors_dir
 
 QUICK = ["--steps", "20", "--refine-iterations", "3", "--batch-size", "8"]
@@ -47,7 +49,7 @@ def test_same_seed_same_weights(tmp_path: Path) -> None:
 
 
 def test_fit_priors_refuses_the_shipped_folder(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["fit-priors", "--ops", "Rotate", "--out", str(shipped_priors_dir()), *QUICK]) == 2
+    assert main(["fit-priors", "--ops", "Rotate", "--out", str(shipped_priors_dir()), *QUICK]) == 1
     assert "--overwrite-shipped" in capsys.readouterr().err
     with pytest.raises(DiffAugError, match=r"must not be the priors shipped"):
         fit_priors(["Rotate"], out=shipped_priors_dir("paper"), stream=None)
@@ -92,3 +94,63 @@ def test_interrupted_fit_leaves_the_previous_priors(tmp_path: Path, monkeypatch:
 def test_python_dash_m_entry_point() -> None:
     result = subprocess.run([sys.executable, "-m", "diffaug", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "fit-priors" in result.stdout and "demo" in result.stdout
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--out", "FILE"], r"out must be a priors folder .* which is a file"),
+    (["--device", "cuda:99"], r"device must be one this machine has; got 'cuda:99'"),
+    (["--images", "CORRUPT"], r"images must be readable image files; .*broken.png is not"),
+])
+def test_fit_priors_refuses_before_fitting(flags: list[str], match: str, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """What would make the save fail is found before the fit (minutes of work), in one line and exit status 1."""
+    import diffaug.fit
+
+    def no_fit(*args: object, **kwargs: object) -> None:
+        raise AssertionError("fitted before refusing")
+
+    monkeypatch.setattr(diffaug.fit, "fit_encoder", no_fit)
+    (tmp_path / "file").write_text("not a folder")
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "broken.png").write_bytes(b"not a png")
+    (corrupt / "fine.png").write_bytes((shipped_images_dir() / "camera.png").read_bytes())
+    flags = [{"FILE": str(tmp_path / "file"), "CORRUPT": str(corrupt)}.get(f, f) for f in flags]
+    assert main(["fit-priors", "--ops", "Rotate", *QUICK, *flags]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("diffaug fit-priors: error: ")
+    assert __import__("re").search(match, err), err
+
+
+def test_demo_writes_atomically_with_a_plain_mode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An interrupted demo leaves no half-written picture (and the previous one as it was)."""
+    out = tmp_path / "demo.png"
+    out.write_bytes(b"previous")
+    out.chmod(0o644)
+    from PIL import Image as PILImage
+
+    def interrupted(self: object, *args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(PILImage.Image, "save", interrupted)
+    assert main(["demo", "--out", str(out), "--count", "2", "--rows", "1", "--size", "8"]) == 130
+    assert out.read_bytes() == b"previous" and [p.name for p in tmp_path.iterdir()] == ["demo.png"]
+    monkeypatch.undo()
+    assert main(["demo", "--out", str(out), "--count", "2", "--rows", "1", "--size", "8"]) == 0
+    assert out.stat().st_mode & 0o777 == 0o644
+    with PILImage.open(out) as image:
+        assert image.size == (16, 16)
+
+
+def test_16_bit_images_are_read_at_their_levels(tmp_path: Path) -> None:
+    """A 16-bit grayscale PNG (mode I;16) through convert("RGB") comes out almost all white; its levels are kept."""
+    import numpy as np
+
+    from diffaug.fit import load_images
+
+    levels = (np.arange(32 * 32).reshape(32, 32) * 64).astype(np.uint16)
+    Image.fromarray(levels).save(tmp_path / "gray16.png")
+    (image,), _ = load_images(tmp_path)
+    assert image.shape == (3, 32, 32)
+    torch_levels = image[0].double() * 65535
+    assert float((torch_levels - torch.from_numpy(levels.astype(np.float64))).abs().max()) < 0.01  # float32 rounding

@@ -22,7 +22,7 @@ WORKER = Path(__file__).with_name("distill_worker.py")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(*args: str, timeout: int = 300) -> None:
+def _run(*args: str, timeout: int = 1800) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     result = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -104,7 +104,7 @@ def test_end_distributed_process_destroys_the_group_flushes_and_skips_finalisati
     # Pipes, and no PYTHONUNBUFFERED: Python buffers stdout, so only a flush writes it out before os._exit.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     env.pop("PYTHONUNBUFFERED", None)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=1800)
     assert (result.returncode, result.stdout, result.stderr[-3:]) == (3, " outdestroyed", "err"), result.stderr
     assert not (tmp_path / "finalised").exists()
 

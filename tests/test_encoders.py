@@ -108,3 +108,45 @@ def test_a_frozen_encoder_stays_in_eval_mode_inside_a_training_module() -> None:
     assert fitting.training and not fitting.frozen
     holder.eval()
     assert not fitting.training
+
+
+@pytest.mark.parametrize("arch", ["default", "paper"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_shipped_encoders_in_half_precision_match_float32(arch: str, dtype: torch.dtype) -> None:
+    """Every shipped encoder on 224 px natural photos in fp16 and bf16 against float32; bounds and reasons as
+    test_ops.HALF_MAE (the encoders' geometry and steps run in float32 too)."""
+    from diffaug.priors import load_priors
+
+    from .test_ops import HALF_MAE, natural_batch
+
+    x = natural_batch(224)
+    for name, encoder in load_priors(arch=arch).items():
+        m = torch.tensor([-0.7, 1.0]) if get_op(name).signed else torch.tensor([0.4, 1.0])
+        with torch.no_grad():
+            expected = encoder.eval()(x, m)
+            out = encoder(x.to(dtype), m)
+        assert out.dtype == dtype and torch.isfinite(out).all(), name
+        mae = (out.float() - expected).abs().mean().item()
+        assert mae <= HALF_MAE[dtype], f"{arch} {name}: mean absolute difference {mae:.4f}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_augmenters_in_half_precision_match_float32_on_the_same_sample(dtype: torch.dtype) -> None:
+    """PolicyAugmenter (both geometries) and ReferencePolicy on 224 px natural photos: the same sample in fp16 or
+    bf16 against float32; bounds and reasons as test_ops.HALF_MAE. High probabilities and magnitudes so that most
+    images draw several ops, affine ones among them."""
+    from diffaug import ReferencePolicy
+
+    from .test_ops import HALF_MAE, natural_batch
+
+    x = natural_batch(224, 3)
+    settings = {"probability": 0.95, "magnitude": 0.9, "n_ops": 6}
+    for augmenter in (PolicyAugmenter(**settings), PolicyAugmenter(geometry="composed", **settings),
+                      ReferencePolicy(**settings)):
+        augmenter.eval()
+        sample = augmenter.sample(len(x), torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            expected, out = augmenter.apply(x, sample), augmenter.apply(x.to(dtype), sample)
+        assert out.dtype == dtype and torch.isfinite(out).all()
+        mae = (out.float() - expected).abs().mean().item()
+        assert mae <= HALF_MAE[dtype], f"{type(augmenter).__name__} {augmenter.geometry}: {mae:.4f}"

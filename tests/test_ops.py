@@ -296,3 +296,41 @@ def test_unknown_op_lists_known_ones() -> None:
 
 def test_error_is_a_value_error() -> None:
     assert issubclass(DiffAugError, ValueError)
+
+
+# Half precision against float32, on natural photos at real resolutions. What is left is the images' own rounding:
+# fp16 keeps 11 significant bits (a value in [0.5, 1] is off by up to 2.4e-4), bf16 8 (up to 2e-3), and a few ops
+# amplify it (a blend by up to 1.9, a pixel at Solarize's threshold may switch). The issue's bounds on the mean
+# absolute difference, 0.01 (fp16) and 0.02 (bf16), sit well above that and well below what a grid built in half
+# precision gives (0.07 to 0.1, or NaN: bf16 has about a pixel of resolution at 224 px).
+HALF_MAE = {torch.float16: 0.01, torch.bfloat16: 0.02}
+
+
+def natural_batch(size: int, count: int = 2) -> torch.Tensor:
+    return torch.cat([to_tensor(photo(name, (size, size))) for name in PHOTOS[:count]])
+
+
+@pytest.mark.parametrize("size", [224, 512])
+@pytest.mark.parametrize("dtype", list(HALF_MAE), ids=str)
+def test_every_op_in_half_precision_matches_float32(dtype: torch.dtype, size: int) -> None:
+    x = natural_batch(size)
+    position = torch.tensor([[0.3, 0.6], [0.8, 0.2]])
+    for spec in OPS_TABLE:
+        m = torch.tensor([-0.7, 1.0]) if spec.signed else torch.tensor([0.4, 1.0])
+        expected = apply_op(spec.name, x, m, position=position)
+        out = apply_op(spec.name, x.to(dtype), m, position=position)
+        assert out.dtype == dtype, spec.name
+        assert torch.isfinite(out).all(), spec.name
+        mae = (out.float() - expected).abs().mean().item()
+        assert mae <= HALF_MAE[dtype], f"{spec.name}: mean absolute difference {mae:.4f} at {size} px"
+
+
+@pytest.mark.parametrize("dtype", list(HALF_MAE), ids=str)
+def test_warp_builds_its_grid_in_float32_for_half_images(dtype: torch.dtype) -> None:
+    """The grid and the sampling are float32 whatever the images' dtype, and the result comes back in it."""
+    x = natural_batch(224, 1)
+    linear, shift = torch.eye(2).expand(1, 2, 2) * 1.1, torch.tensor([[0.05, -0.1]])
+    assert sampling_grid(x.to(dtype), linear, shift).dtype == torch.float32
+    out = warp(x.to(dtype), linear, shift)
+    assert out.dtype == dtype
+    assert (out.float() - warp(x, linear, shift)).abs().max() <= 2 * torch.finfo(dtype).eps  # one rounding of a value <= 1

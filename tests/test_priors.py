@@ -211,3 +211,52 @@ def test_priors_load_from_a_built_wheel(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "torch.Size([2, 3, 16, 16]) 11" in result.stdout
+
+
+def test_a_manifest_cannot_point_outside_its_folder(priors_copy: Path, tmp_path: Path) -> None:
+    """A valid weight file with its right hash, but outside the folder (by '..', an absolute path or a link), is
+    not loaded, and the error prints no hash of it."""
+    outside = tmp_path / "outside.pt"
+    shutil.copy(_weight_file(priors_copy), outside)
+    manifest = json.loads((priors_copy / MANIFEST).read_text())
+    (priors_copy / "link.pt").symlink_to(outside)
+    for file in ("../outside.pt", str(outside), "link.pt"):
+        manifest["ops"]["Rotate"]["file"] = file
+        (priors_copy / MANIFEST).write_text(json.dumps(manifest))
+        with pytest.raises(DiffAugError, match=r"the file of Rotate must be a file name inside the priors folder") as caught:
+            load_priors(priors_copy)
+        assert manifest["ops"]["Rotate"]["sha256"] not in str(caught.value)
+
+
+def test_non_finite_weights_with_a_valid_hash_are_refused(priors_copy: Path) -> None:
+    """The hash vouches for the bytes; NaN weights would give NaN images, so the values are checked too."""
+    from diffaug.priors import save_priors
+
+    encoders = load_priors(priors_copy)
+    state = encoders["Rotate"].state_dict()
+    next(v for v in state.values() if v.is_floating_point()).fill_(float("nan"))
+    manifest = read_manifest(priors_copy)
+    header = {k: v for k, v in manifest.items() if k not in ("format", "op_table_fingerprint", "ops")}
+    record = {k: v for k, v in manifest["ops"]["Rotate"].items() if k not in ("file", "sha256")}
+    save_priors(priors_copy, {"Rotate": encoders["Rotate"]}, {"Rotate": record}, header)
+    with pytest.raises(DiffAugError, match=r"must hold finite weights; got NaN or inf in \["):
+        load_priors(priors_copy)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_written_files_get_the_mode_of_a_plain_write(tmp_path: Path, umask: int) -> None:
+    """write_atomic's temporary file is 0600 (mkstemp); the file it leaves must have what open() would give it:
+    0666 less the umask for a new file, the old file's mode for a replaced one."""
+    from diffaug.files import write_atomic
+
+    previous = os.umask(umask)
+    try:
+        new = write_atomic(tmp_path / "new.txt", lambda t: Path(t).write_text("x"))
+        assert new.stat().st_mode & 0o777 == 0o666 & ~umask
+        old = tmp_path / "old.txt"
+        old.write_text("old")
+        old.chmod(0o640)
+        write_atomic(old, lambda t: Path(t).write_text("new"))
+        assert old.stat().st_mode & 0o777 == 0o640 and old.read_text() == "new"
+    finally:
+        os.umask(previous)

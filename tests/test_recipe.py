@@ -163,7 +163,7 @@ def test_torchrun_job_killed_mid_epoch_restarts_and_ends_as_an_uninterrupted_one
         out = tmp_path / name
         out.mkdir()
         run = subprocess.run([*command, str(out)], env={**env, "KILL_MID_EPOCH": kill}, capture_output=True,
-                             text=True, timeout=300)
+                             text=True, timeout=1800)
         assert run.returncode == 0, run.stderr[-3000:]
         results[name] = torch.load(out / "elastic.pt", weights_only=False)
     straight, killed = results["straight"], results["killed"]
@@ -183,7 +183,7 @@ def test_the_recipe_runs_under_torchrun_with_the_batch_split_over_ranks(tmp_path
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
          "diffaug.distill", "--data", "photos", "--train-size", "100", *QUICK, "--batch-size", "20",
          "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "run")],
-        env=env, capture_output=True, text=True, timeout=300)
+        env=env, capture_output=True, text=True, timeout=1800)
     assert run.returncode == 0, run.stderr[-3000:]
     assert json.loads(run.stdout)["val_accuracy"] is not None
     history = json.loads((tmp_path / "run" / "history.json").read_text())

@@ -290,3 +290,27 @@ def test_bad_targets_are_refused(targets: dict, match: str) -> None:
         PolicyAugmenter(geometry="composed")(_shapes()[0], masks=torch.zeros(1, 32, 32, dtype=torch.long))
     with pytest.raises(DiffAugError, match="geometry must be one of"):
         PolicyAugmenter(geometry="stacked")
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.uint8, torch.int32, torch.int64], ids=str)
+def test_label_masks_of_every_integer_dtype_are_padded_with_ignore_index(dtype: torch.dtype) -> None:
+    """int8 masks with ignore_index -1 (representable) get -1 from outside and their labels back; 255 did wrap to -1."""
+    ignore = 0 if dtype == torch.uint8 else -1
+    policy = ReferencePolicy(geometry="composed", ignore_index=ignore)
+    masks = _targets()["masks"].to(dtype) + 1  # labels 1 and 2
+    out = policy.apply(_shapes(), _sample(policy, {"TranslateX": -0.9}), masks=masks).masks
+    assert out.dtype == dtype
+    assert bool((out[:, :, :13] == ignore).all()) and set(out[:, :, 14:].unique().tolist()) <= {1, 2}
+
+
+def test_labels_far_from_ignore_index_come_back_exactly() -> None:
+    """A float32 warp would round 2**40 + 1 (float32 integers are exact only below 2**24): the labels move in
+    float64 then; labels 2**53 or more away from it, which no float holds exactly, are refused."""
+    policy = ReferencePolicy(geometry="composed")
+    sample = _sample(policy, {"Rotate": 0.4})
+    small = _targets()["masks"]
+    big = small * (2**40 + 1)
+    out, reference = policy.apply(_shapes(), sample, masks=big).masks, policy.apply(_shapes(), sample, masks=small).masks
+    assert torch.equal(out, torch.where(reference == 255, 255, reference * (2**40 + 1)))
+    with pytest.raises(DiffAugError, match=r"within 2\*\*53 of ignore_index \(255\) .*got labels in \[0, 1152921504606846976\]"):
+        policy.apply(_shapes(), sample, masks=small * 2**60)

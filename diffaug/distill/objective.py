@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ..errors import DiffAugError
 
-__all__ = ["KD_LOSSES", "LogitKD", "dist_loss", "dkd_loss", "kd_loss", "log_one_minus_softmax", "logit_kd", "soft_kl",
+__all__ = ["KD_LOSSES", "LogitKD", "check_class_indices", "dist_loss", "dkd_loss", "kd_loss", "log_one_minus_softmax", "logit_kd", "soft_kl",
            "stage_three_loss", "tst_loss", "tst_terms"]
 
 LogitKD = Callable[[Tensor, Tensor, Tensor], Tensor]
@@ -30,18 +30,47 @@ defaults. ``Distiller(kd=...)`` and ``python -m diffaug.distill --kd`` take thei
 is one entry."""
 
 
-def _check_logits(name: str, logits: Tensor, targets: Tensor | None, other: Tensor | None = None) -> None:
+def check_class_indices(targets: Tensor, classes: int, name: str = "targets", ignore_index: int | None = None) -> None:
+    """Raise ``DiffAugError`` unless every value of ``targets`` is a class index in [0, ``classes``) or
+    ``ignore_index``. One reduction and a read: torch would raise a bare IndexError (CPU) or a device assert (CUDA).
+
+    The losses of this module take no ``ignore_index``: every sample counts in the KD and DKD terms, so a -100
+    (``F.cross_entropy``'s default ignore index, which its CE term alone would skip) is refused, not half-ignored.
+    Drop unlabelled samples before the loss, as ``Segmentation`` does with its pixels.
+    """
+    values = targets if ignore_index is None else targets[targets != ignore_index]
+    if values.numel() == 0:
+        return
+    lo, hi = (int(v) for v in torch.aminmax(values.detach()))
+    if lo < 0 or hi >= classes:
+        besides = "" if ignore_index is None else f" or the ignore_index {ignore_index}"
+        hint = " (these losses have no ignore_index: drop unlabelled samples first)" \
+            if ignore_index is None and lo == -100 else ""
+        raise DiffAugError(f"{name} must be class indices in [0, {classes - 1}]{besides} for logits of {classes} "
+                           f"classes; got values in [{lo}, {hi}]{hint}")
+
+
+def _describe(x: object) -> str:
+    return f"{x.dtype} of shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+
+
+def _check_logits(name: str, logits: Tensor, targets: Tensor | None, other: Tensor | None = None,
+                  other_name: str = "teacher_logits") -> None:
     if not isinstance(logits, Tensor) or logits.dim() != 2 or not logits.is_floating_point():
-        got = f"{logits.dtype} of shape {tuple(logits.shape)}" if isinstance(logits, Tensor) else type(logits).__name__
-        raise DiffAugError(f"{name} must be float logits of shape (B, num_classes); got {got}")
+        raise DiffAugError(f"{name} must be float logits of shape (B, num_classes); got {_describe(logits)}")
     if logits.shape[1] < 2:
         raise DiffAugError(f"{name} must have at least 2 classes; got shape {tuple(logits.shape)}")
-    if other is not None and other.shape != logits.shape:
-        raise DiffAugError(f"teacher and student logits must have the same shape; got {tuple(other.shape)} "
-                           f"and {tuple(logits.shape)}")
-    if targets is not None and (targets.shape != (logits.shape[0],) or targets.dtype not in (torch.int64, torch.int32)):
+    if other is not None and (not isinstance(other, Tensor) or other.shape != logits.shape
+                              or not other.is_floating_point()):
+        raise DiffAugError(f"{name} and {other_name} must be float logits of the same shape; got {name} "
+                           f"{_describe(logits)} and {other_name} {_describe(other)}")
+    if targets is None:
+        return
+    if not isinstance(targets, Tensor) or targets.shape != (logits.shape[0],) \
+            or targets.dtype not in (torch.int64, torch.int32):
         raise DiffAugError(f"targets must be integer class indices of shape ({logits.shape[0]},); got "
-                           f"{targets.dtype} of shape {tuple(targets.shape)}")
+                           f"{_describe(targets)}")
+    check_class_indices(targets, logits.shape[1])
 
 
 def log_one_minus_softmax(logits: Tensor, targets: Tensor) -> Tensor:
@@ -64,6 +93,8 @@ def kd_loss(
 ) -> Tensor:
     """Eq. 1: w_ce CE(student, y) + w_kl tau^2 KL(softmax(teacher / tau) || softmax(student / tau)), batch mean.
 
+    Every target must be a class in [0, C): there is no ignore_index (-100 included; see ``check_class_indices``).
+
     Example:
         >>> s, t = torch.randn(4, 10), torch.randn(4, 10)
         >>> kd_loss(s, t, torch.tensor([0, 1, 2, 3])).shape
@@ -73,8 +104,9 @@ def kd_loss(
 
 
 def _check_temperature(temperature: float) -> None:
-    if not (isinstance(temperature, (int, float)) and temperature > 0):
-        raise DiffAugError(f"temperature must be a positive number; got {temperature!r}")
+    # inf would make every softened distribution uniform and tau^2 KL = inf * 0 = NaN; NaN fails the comparison.
+    if isinstance(temperature, bool) or not (isinstance(temperature, (int, float)) and 0 < temperature < float("inf")):
+        raise DiffAugError(f"temperature must be a positive finite number; got {temperature!r}")
 
 
 def soft_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0) -> Tensor:
@@ -162,7 +194,7 @@ def tst_loss(
 
 def tst_terms(teacher_logits: Tensor, student_logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
     """The two terms of Eq. 2 apart, batch means: CE(teacher, y) and -log(1 - p_student[y])."""
-    _check_logits("teacher_logits", teacher_logits, targets, student_logits)
+    _check_logits("teacher_logits", teacher_logits, targets, student_logits, "student_logits")
     teacher_ce = F.cross_entropy(teacher_logits.float(), targets.long())
     student_term = -log_one_minus_softmax(student_logits, targets).mean()
     return teacher_ce, student_term

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ..errors import DiffAugError
 from ..targets import Augmented
-from .objective import LogitKD, log_one_minus_softmax, stage_three_loss, tst_terms
+from .objective import LogitKD, check_class_indices, log_one_minus_softmax, stage_three_loss, tst_terms
 
 __all__ = ["Classification", "Localisation", "Segmentation", "Task", "box_iou", "resolve_task"]
 
@@ -116,7 +116,9 @@ class Segmentation(Task):
     Every loss is Eq. 1 or Eq. 2 per pixel, averaged over the labelled pixels: per-pixel CE and KD with temperature
     in Stage III, per-pixel CE(teacher) and -log(1 - p_S[y]) in Stage II. The metric is the mean IoU over the
     classes present in the labels or the predictions. Pixels the augmentation brings in from outside the image are
-    ``ignore_index`` too (the augmenter's own, which must be this one).
+    ``ignore_index`` too (the augmenter's own, which must be this one). A batch without a labelled pixel has
+    nothing to learn from: its losses are 0 (with gradients, all zero) rather than the NaN mean of no pixels.
+    A label that is neither a class of the logits nor ``ignore_index`` raises ``DiffAugError``.
     """
 
     metric_name = "miou"
@@ -140,6 +142,7 @@ class Segmentation(Task):
             got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
             raise DiffAugError(f"segmentation models must return logits (B, C, H, W) at the masks' size "
                                f"{tuple(masks.shape)}; got {got}")
+        check_class_indices(masks, logits.shape[1], "segmentation masks", self.ignore_index)
         valid = masks != self.ignore_index
         rows = logits.permute(0, 2, 3, 1)[valid]
         image = torch.arange(masks.shape[0], device=masks.device).view(-1, 1, 1).expand_as(masks)[valid]
@@ -148,12 +151,16 @@ class Segmentation(Task):
     def search_terms(self, teacher_out: Tensor, student_out: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         teacher, labels, _ = self._pixels(teacher_out, targets)
         student, _, _ = self._pixels(student_out, targets)
+        if labels.numel() == 0:  # no labelled pixel: zero terms, still on the graph of both outputs
+            return teacher_out.float().sum() * 0, student_out.float().sum() * 0
         return tst_terms(teacher, student, labels)
 
     def distill_loss(self, student_out: Tensor, teacher_out: Tensor, targets: Tensor, kd: LogitKD, w_ce: float,
                      w_kl: float) -> Tensor:
         student, labels, _ = self._pixels(student_out, targets)
         teacher, _, _ = self._pixels(teacher_out, targets)
+        if labels.numel() == 0:
+            return student_out.float().sum() * 0
         return stage_three_loss(student, teacher, labels, kd, w_ce, w_kl)
 
     def class_scores(self, outputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -163,11 +170,14 @@ class Segmentation(Task):
         """The confusion matrix (C x C, true class by row), flattened."""
         classes = outputs.shape[1]
         logits, labels, _ = self._pixels(outputs, targets)
-        cells = labels.clamp(0, classes - 1) * classes + logits.argmax(1)
+        cells = labels * classes + logits.argmax(1)  # labels are checked to be classes by _pixels
         return torch.bincount(cells, minlength=classes * classes).double()
 
     def metric(self, statistics: Tensor) -> float:
         classes = int(round(statistics.numel() ** 0.5))
+        if statistics.dim() != 1 or classes * classes != statistics.numel():
+            raise DiffAugError(f"segmentation statistics must be a flattened C x C confusion matrix (from statistics()); "
+                               f"got shape {tuple(statistics.shape)}")
         confusion = statistics.view(classes, classes)
         hit = confusion.diag()
         union = confusion.sum(0) + confusion.sum(1) - hit
@@ -254,6 +264,7 @@ class Localisation(Task):
     def search_terms(self, teacher_out: Any, student_out: Any, targets: tuple) -> tuple[Tensor, Tensor]:
         labels, boxes, keep = targets
         (t_logits, t_boxes, _), (s_logits, s_boxes, _) = self._outputs(teacher_out), self._outputs(student_out)
+        check_class_indices(labels, t_logits.shape[1], "localisation labels")
         teacher = F.cross_entropy(t_logits.float(), labels, reduction="none") + self._box_loss(t_boxes, boxes)
         iou = box_iou(s_boxes.float(), boxes).clamp(max=1 - 1e-6)
         student = -log_one_minus_softmax(s_logits, labels) - self.w_box * torch.log1p(-iou)
