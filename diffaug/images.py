@@ -38,9 +38,9 @@ def open_rgb(path: str | Path) -> Image.Image:
                 return Image.fromarray(eight, mode="L").convert("RGB")
             return image.convert("RGB")
     except Image.DecompressionBombError as error:
-        raise DiffAugError(f"{path} is too large to decode safely ({error})") from None
+        raise DiffAugError(f"images must be small enough to decode safely; {path} is too large ({error})") from None
     except (OSError, SyntaxError, ValueError) as error:
-        raise DiffAugError(f"{path} could not be decoded as an image: {error}") from None
+        raise DiffAugError(f"images must be readable image files; {path} is not ({error})") from None
 
 
 def read_image(path: str | Path) -> Tensor:
@@ -52,7 +52,7 @@ def read_image(path: str | Path) -> Tensor:
                 return gray.expand(3, -1, -1).contiguous()
             array = np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
     except Image.DecompressionBombError as error:
-        raise DiffAugError(f"{path} is too large to decode safely ({error})") from None
+        raise DiffAugError(f"images must be small enough to decode safely; {path} is too large ({error})") from None
     except (OSError, SyntaxError, ValueError) as error:
-        raise DiffAugError(f"{path} could not be decoded as an image: {error}") from None
+        raise DiffAugError(f"images must be readable image files; {path} is not ({error})") from None
     return torch.from_numpy(array).permute(2, 0, 1).float().div(255)

@@ -181,7 +181,7 @@ def test_a_decompression_bomb_in_the_folder_fails_with_one_line(tmp_path: Path, 
             "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "run")]
     assert main(argv) == 1
     err = capsys.readouterr().err
-    assert "is too large to decode safely" in err and "Traceback" not in err
+    assert "is too large" in err and "Traceback" not in err
 
 
 def test_sixteen_bit_pngs_are_scaled_from_65535(tmp_path: Path) -> None:
@@ -198,8 +198,8 @@ def test_sixteen_bit_pngs_are_scaled_from_65535(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("content, message", [
-    (b"", "could not be decoded as an image"),
-    (b"\x89PNG\r\n\x1a\n garbage", "could not be decoded as an image"),
+    (b"", "images must be readable image files"),
+    (b"\x89PNG\r\n\x1a\n garbage", "images must be readable image files"),
 ])
 def test_unreadable_images_name_the_file(tmp_path: Path, content: bytes, message: str) -> None:
     path = tmp_path / "broken.png"
@@ -231,5 +231,5 @@ def test_an_error_in_a_dataloader_worker_is_one_line(tmp_path: Path, capsys: pyt
             "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "run")]
     assert main(argv) == 1
     err = capsys.readouterr().err
-    assert "9.png could not be decoded as an image" in err and "Traceback" not in err
+    assert "9.png is not" in err and "Traceback" not in err
     assert [line for line in err.splitlines() if "error:" in line] == err.strip().splitlines()[-1:]
