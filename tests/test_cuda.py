@@ -24,9 +24,9 @@ def test_augmenter_on_cuda_equals_the_cpu_on_the_same_sample(images: torch.Tenso
         sample = aug.sample(len(images))
         masks = torch.randint(0, 10, (len(images), 32, 32))
         boxes = [torch.tensor([[4.0, 5.0, 20.0, 27.0]]) for _ in images]
-        cpu = aug.apply(images, sample, masks=masks, boxes=boxes) if geometry == "composed" else aug.apply(images, sample)
+        cpu = aug(images, sample, masks=masks, boxes=boxes) if geometry == "composed" else aug(images, sample)
         gpu_aug = aug.to("cuda")
-        gpu = gpu_aug.apply(images.cuda(), sample.to("cuda"), **({"masks": masks.cuda(), "boxes": [b.cuda() for b in boxes]}
+        gpu = gpu_aug(images.cuda(), sample.to("cuda"), **({"masks": masks.cuda(), "boxes": [b.cuda() for b in boxes]}
                                                                  if geometry == "composed" else {}))
         if geometry == "composed":
             # TF32 is off by default for matmuls; grid_sample and the encoders agree to float32 rounding.
@@ -97,7 +97,7 @@ def test_compiled_augmenter_on_cuda_matches_eager_and_does_not_recompile(mode: b
     def step(module: PolicyAugmenter, batch: int, training: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
         module.train(training).zero_grad(set_to_none=True)
         with torch.set_grad_enabled(training):
-            out = module(x[:batch], torch.Generator().manual_seed(batch)).clone()  # CUDA-graph memory is reused
+            out = module(x[:batch], generator=torch.Generator().manual_seed(batch)).clone()  # CUDA-graph memory is reused
         return (out.detach(), _gradients(module, out)) if training else (out, [])
 
     graphs = None
