@@ -307,7 +307,8 @@ class Compiled:
             path = self.function("gathered_pixels", gathered, dynamic=True, recompute=True)
             counts = (op_counts.tolist(),)
         elif isinstance(sample, PolicySample):
-            inputs, extras = (images, sample.selected, sample.gates, sample.magnitudes, sample.positions), (has_magnitude,)
+            inputs = (images, sample.selected, sample.gates, sample.magnitudes, sample.positions)
+            extras = (has_magnitude,)
 
             def static(images: Tensor, selected: Tensor, gates: Tensor, magnitudes: Tensor, positions: Tensor,
                        has_magnitude: Tensor) -> Output:

@@ -29,7 +29,8 @@ from .encoders import MetaEncoder
 from .errors import DiffAugError, check_images, check_names
 from .ops import get_op, op_names
 from .render import EncoderRenderer, ReferenceRenderer, Renderer, StraightThroughRenderer
-from .sampling import MAGNITUDE_SAMPLINGS, MagnitudeSampling, PolicySample, draw, noise_width, relaxed_bernoulli, uniform
+from .sampling import (MAGNITUDE_SAMPLINGS, MagnitudeSampling, PolicySample, draw, noise_width, relaxed_bernoulli,
+                       uniform)
 from .targets import Augmented, check_targets, move_targets
 
 __all__ = ["GEOMETRIES", "MAGNITUDE_SAMPLINGS", "Policy", "PolicyAugmenter", "PolicySample", "ReferencePolicy",
