@@ -38,11 +38,14 @@ Output = tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | Non
 @dataclass(frozen=True)
 class Plan:
     """What a policy's ops make of its pairs: the op names (table order), the groups of columns transformed together
-    (every affine op in one group, each other op on its own), the affine group's index and the geometry."""
+    (every affine op in one group, each other op on its own, in table order), which group is the affine one, and
+    the geometry."""
 
     ops: tuple[str, ...]
     groups: tuple[tuple[int, ...], ...]
-    affine_group: int | None
+    # One flag per group rather than the affine group's index: a compiled graph with dynamic shapes takes an int
+    # attribute for a symbolic one, and a list cannot be split by that.
+    is_affine: tuple[bool, ...]
     geometry: str
 
     @classmethod
@@ -51,7 +54,7 @@ class Plan:
         affine = tuple(k for k, n in enumerate(ops) if get_op(n).kind == "affine")
         others = [(k,) for k, n in enumerate(ops) if get_op(n).kind != "affine"]
         groups = tuple(sorted(others + ([affine] if affine else [])))
-        return cls(ops, groups, groups.index(affine) if affine else None, geometry)
+        return cls(ops, groups, tuple(group == affine for group in groups), geometry)
 
 
 class Pairs:
@@ -137,7 +140,9 @@ def render_pairs(plan: Plan, renderer: Renderer, pairs: Pairs, images: Tensor, o
     base = images
     linear = shift = moved = grid = None
     if plan.geometry == "composed":  # geometry first, one warp per moved image; the other ops act on its output
-        affine = groups.pop(plan.affine_group) if plan.affine_group is not None else None
+        affines = [group for group, is_affine in zip(groups, plan.is_affine, strict=True) if is_affine]
+        groups = [group for group, is_affine in zip(groups, plan.is_affine, strict=True) if not is_affine]
+        affine = affines[0] if affines else None
         linear, shift, moved = compose_maps(plan, renderer, pairs, images, affine)
         base, grid = pairs.warp(images, linear, shift, moved, affine is not None)
     out = base.clone()  # accumulates base + sum of gated residuals: no full-batch temporaries
