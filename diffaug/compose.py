@@ -23,7 +23,8 @@ from torch import Tensor
 from .ops import get_op, warp_rows
 from .render import Renderer
 
-__all__ = ["EAGER", "GEOMETRIES", "NEGLIGIBLE", "Pairs", "Plan", "active", "compose_maps", "pixels", "render_pairs"]
+__all__ = ["EAGER", "GEOMETRIES", "NEGLIGIBLE", "Output", "Pairs", "Plan", "active", "compose_maps", "pixels",
+           "render_pairs"]
 
 GEOMETRIES: tuple[str, ...] = ("residual", "composed")
 

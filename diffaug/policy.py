@@ -400,11 +400,11 @@ class PolicyAugmenter(Policy):
             fastest for its shape and grad mode: static for batches of at most 2,048 pixels a channel (B * H * W);
             the drawn pairs only, compiled with symbolic counts after one host sync (one graph for every batch size
             and draw), for no-grad calls on images of at most 32x32 or on 16 images and more, and for train steps
-            on images of at most 32x32; eager otherwise (see the README). The first call in each layout compiles.
-            Equal to the eager path on the same sample within 1e-5 (1e-4 next to Solarize's threshold). On a CPU
-            it compiles a call only where that measured faster than eager, and runs eager elsewhere (Stage II steps
-            on 224 px images, for example); the GPU layout is unmeasured on a GPU. With
-            "reduce-overhead" the output lives in CUDA-graph memory that the next call overwrites (torch raises if
+            on images of at most 32x32; eager otherwise (see ``diffaug.compiled``). The first call in each layout
+            compiles. Equal to the eager path on the same sample within 1e-5 (1e-4 next to Solarize's threshold).
+            On a CPU it compiles a call only where that measured faster than eager, and runs eager elsewhere (Stage
+            II steps on 224 px images, for example); the GPU layout is unmeasured on a GPU. With "reduce-overhead"
+            the output lives in CUDA-graph memory that the next call overwrites (torch raises if
             it is read after that): ``.clone()`` what you keep across calls, such as two views of one batch.
 
     In ``train()`` mode gates and magnitudes are relaxed-Bernoulli samples that carry gradients to the logits;

@@ -10,6 +10,7 @@ from torch._dynamo.utils import counters
 from torch.utils.data import DataLoader
 
 from diffaug import PolicyAugmenter
+from diffaug.compiled import choose_layout
 from diffaug.distill import Distiller
 from diffaug.distill.data import small_models, task_splits
 
@@ -92,12 +93,13 @@ def test_compiled_augmenter_on_cuda_matches_eager_and_does_not_recompile(mode: b
     eager = PolicyAugmenter(seed=0, ops=SMOOTH_OPS, probability=0.7, geometry=geometry).cuda()
     fast = PolicyAugmenter(seed=0, ops=SMOOTH_OPS, probability=0.7, geometry=geometry, compile=mode).cuda()
     x = torch.cat([images, images.flip(3)]).cuda()
-    assert fast._layout(x) == "static"
+    assert choose_layout(fast, x) == "static"
 
     def step(module: PolicyAugmenter, batch: int, training: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
         module.train(training).zero_grad(set_to_none=True)
         with torch.set_grad_enabled(training):
-            out = module(x[:batch], generator=torch.Generator().manual_seed(batch)).clone()  # CUDA-graph memory is reused
+            generator = torch.Generator().manual_seed(batch)
+            out = module(x[:batch], generator=generator).clone()  # CUDA-graph memory is reused
         return (out.detach(), _gradients(module, out)) if training else (out, [])
 
     graphs = None
