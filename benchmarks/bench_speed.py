@@ -19,8 +19,8 @@ Measured per batch (median of repeats, after warm-up), at equal batch size and n
   <= 1x kornia's forward and an eval forward >= 2x faster than kornia's. On a CPU it has two compiled layouts,
   both timed at every shape: "gathered" (the drawn pairs, symbolic counts, one host sync) and "static" (every pair,
   static shapes, what a GPU runs); for some shapes compile=True runs eager instead ("eager*", timed as
-  compile=True runs it). Which one a call takes is policy._CPU_LAYOUT's, by shape and grad mode; the ratios are
-  those of the layout taken;
+  compile=True runs it). Which one a call takes is diffaug.compiled.choose_layout's, by shape and grad mode; the
+  ratios are those of the layout taken;
 * the memory-bandwidth floor, ``x.clone()``: the fraction of it reached, clone time / our time;
 * dispatched aten ops per call (torch profiler, nested ones included): on a GPU each is a kernel launch of
   several microseconds whatever the batch, the floor of a step (DESIGN.md, section 7); the first (cold) call's
@@ -45,6 +45,7 @@ from typing import NamedTuple
 import torch
 
 from diffaug import PolicyAugmenter
+from diffaug.compiled import choose_layout, force_layout
 
 AUTHORS_MS_128x32 = (76.0, 85.0)
 
@@ -116,8 +117,8 @@ def layouts(batch: int, size: int, device: str) -> tuple[str, str]:
     compile=True running eager)."""
     module, images = PolicyAugmenter(compile=True).to(device), torch.empty(batch, 3, size, size, device=device)
     with torch.no_grad():
-        eval_layout = module._layout(images)
-    return tuple("eager*" if layout == "eager" else layout for layout in (eval_layout, module._layout(images)))
+        eval_layout = choose_layout(module, images)
+    return tuple("eager*" if layout == "eager" else layout for layout in (eval_layout, choose_layout(module, images)))
 
 
 def bench(batch: int, size: int, repeats: int, device: str = "cpu",
@@ -159,7 +160,7 @@ def bench(batch: int, size: int, repeats: int, device: str = "cpu",
     ours_eval, ours_train = ours, copy.deepcopy(ours)
     ours_eval.eval()
     # compile=True in each compiled layout it can take here (on a CPU both, on a GPU static alone), each forced on
-    # every call; and where it runs eager (a CPU's, for some shapes: _CPU_LAYOUT), as it runs ("eager*"), timed next
+    # every call; and where it runs eager (a CPU's, for some shapes: choose_layout), as it runs ("eager*"), timed next
     # to the eager candidates: timed after the static layout's large steps it found the caches cold (1.12-1.14x eager
     # there, 2026-12-04; 1.0x in paired runs of its own).
     eval_layout, train_layout = layouts(batch, size, device)
@@ -173,7 +174,7 @@ def bench(batch: int, size: int, repeats: int, device: str = "cpu",
             PolicyAugmenter(seed=0, compile=True).to(device)
         if device == "cpu":
             for module in (compiled_eval, compiled_train):  # this layout at any size, train steps too
-                module._layout = lambda images, layout=layout: layout  # type: ignore[method-assign]
+                force_layout(module, layout)
         compiled |= {f"{layout} eval fwd (no grad)": no_grad_forward(compiled_eval),
                      f"{layout} train fwd+bwd": train_step(compiled_train)}
     with warnings.catch_warnings():

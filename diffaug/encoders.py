@@ -61,11 +61,11 @@ class MagnitudeNetStack:
     """Several frozen MagnitudeNets evaluated in one pass: row i of the output is ``nets[which[i]](magnitude[i])``,
     zero-padded to the widest net; ``which == len(nets)`` gives a row of zeros.
 
-    An augmenter runs ten such nets per batch, a dozen kernels each; at 32 px that launch overhead is a tenth of
-    a Stage II step, and one pass over all pairs removes most of it. The nets' weights are packed into one table
-    (one row per net), kept between calls and rebuilt when a weight is written in place (``load_state_dict``: a
-    new version of the tensor) or the nets are moved or cast (``.to()``: new tensors). They are detached: the nets
-    must be frozen.
+    An augmenter runs ten such nets per batch, a dozen kernels each; on small images that launch overhead is a
+    sizeable part of a Stage II step, and one pass over all pairs removes most of it. The nets' weights are packed
+    into one table (one row per net), kept between calls and rebuilt when a weight is written in place
+    (``load_state_dict``: a new version of the tensor) or the nets are moved or cast (``.to()``: new tensors). They
+    are detached: the nets must be frozen.
     """
 
     def __init__(self, nets: Sequence[MagnitudeNet]) -> None:
@@ -92,7 +92,7 @@ class MagnitudeNetStack:
         first_weight, first_bias, last_weight, bias, linear_weight = rows.split([width, width, out * width, out, out], 1)
         m = magnitude.to(rows.dtype).unsqueeze(1)
         hidden = torch.tanh(torch.addcmul(first_bias, m, first_weight))
-        # A product and a sum: batched matrix-vector products (bmm) of these sizes cost 4x more on the CPU.
+        # A product and a sum: batched matrix-vector products (bmm) of these tiny sizes are much slower on the CPU.
         hidden_term = (last_weight.view(-1, out, width) * hidden.unsqueeze(1)).sum(2)
         return m * (torch.addcmul(bias, m, linear_weight) + hidden_term)
 
@@ -103,8 +103,8 @@ class MagnitudeNetStack:
 
     def _current(self) -> bool:
         """Whether the table still holds the nets' weights: the same tensors (``.to()`` replaces the buffers of a
-        frozen net), none of them written since. Read from the modules' own dicts: ``Module.__getattr__`` made
-        this check 40 us of every call (now 16), some 4 % of a compiled step at 8 px."""
+        frozen net), none of them written since. Read from the modules' own dicts: through ``Module.__getattr__``
+        this check, made on every call, would be a visible part of a compiled step on small images."""
         if self._table is None:
             return False
         now = [slots.get(name) for slots, name in self._slots]  # None where freeze() moved it to the buffers

@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -149,36 +149,9 @@ def resample(x: Tensor, grid: Tensor, mode: Literal["bilinear", "nearest"] = "bi
         return resample(x.to(dtype), grid, mode).to(x.dtype)
     grid = grid.to(dtype)
     if torch.compiler.is_compiling() and x.device.type == "cpu":
-        return _grid_sample_cpu(x, grid, 0 if mode == "bilinear" else 1)
+        # Registered by diffaug.compiled (imported with the package), which says why.
+        return torch.ops.diffaug.grid_sample_cpu(x, grid, 0 if mode == "bilinear" else 1)
     return F.grid_sample(x, grid, mode=mode, padding_mode="zeros", align_corners=False)
-
-
-# Compiled on a CPU, grid_sample stays ATen's vectorised kernel: inductor's decomposition of it gathers one element
-# at a time (its fused kernel was 2.4 ms of a compiled 128x3x32x32 Stage II step). On a GPU the decomposition stays.
-@torch.library.custom_op("diffaug::grid_sample_cpu", mutates_args=())
-def _grid_sample_cpu(x: Tensor, grid: Tensor, interpolation: int) -> Tensor:
-    return torch.grid_sampler_2d(x, grid, interpolation, 0, False)
-
-
-@_grid_sample_cpu.register_fake
-def _(x: Tensor, grid: Tensor, interpolation: int) -> Tensor:
-    return x.new_empty(x.shape[0], x.shape[1], grid.shape[1], grid.shape[2])
-
-
-def _grid_sample_cpu_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
-    x, grid = ctx.saved_tensors
-    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1]]
-    grad_x, grad_grid = torch.ops.aten.grid_sampler_2d_backward(grad, x, grid, ctx.interpolation, 0, False, mask)
-    return (grad_x if mask[0] else None), (grad_grid if mask[1] else None), None
-
-
-def _grid_sample_cpu_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
-    x, grid, interpolation = inputs
-    ctx.save_for_backward(x, grid)
-    ctx.interpolation = interpolation
-
-
-_grid_sample_cpu.register_autograd(_grid_sample_cpu_backward, setup_context=_grid_sample_cpu_context)
 
 
 def grid_scale(height: int, width: int, like: Tensor) -> Tensor:

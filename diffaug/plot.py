@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 from .errors import DiffAugError, check_images
 from .fit import FIDELITY_TARGETS
 from .ops import MAGNITUDE_OPS, apply_op, get_op
-from .policy import _Policy
+from .policy import Policy
 
 __all__ = ["plot_policy_history", "plot_policy", "plot_teacher_confidence", "plot_search_diagnostics", "show_ops",
            "show_augmented", "plot_fit_report"]
@@ -110,9 +110,9 @@ def plot_teacher_confidence(
     return fig, ax
 
 
-def plot_policy(policy: _Policy | Mapping[str, Mapping[str, float]], ax: Axes | None = None) -> tuple[Figure, Axes]:
+def plot_policy(policy: Policy | Mapping[str, Mapping[str, float]], ax: Axes | None = None) -> tuple[Figure, Axes]:
     """Probability and magnitude of every op at a glance (bars), from an augmenter or its ``policy()``."""
-    values = policy.policy() if isinstance(policy, _Policy) else policy
+    values = policy.policy() if isinstance(policy, Policy) else policy
     names = list(values)
     if ax is None:
         fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(names)), 3.5), layout="constrained")
@@ -220,7 +220,7 @@ def show_ops(
     return fig
 
 
-def show_augmented(augmenter: _Policy, images: torch.Tensor, rows: int = 4,
+def show_augmented(augmenter: Policy, images: torch.Tensor, rows: int = 4,
                    generator: torch.Generator | None = None) -> Figure:
     """The images (top row) and ``rows`` draws of ``augmenter`` on them, each in its current mode."""
     check_images(images)

@@ -12,6 +12,8 @@ import torch
 from torch._dynamo.utils import counters
 
 from diffaug import DiffAugError, PolicyAugmenter, ReferencePolicy
+from diffaug.compiled import choose_layout, force_layout, pair_table
+from diffaug.compose import active
 
 # Every op but Solarize: its encoder's step is about a level wide in train mode, so the last-bit differences of a
 # fused kernel in its threshold move pixels next to it by up to ~1e-4 (measured 6e-5); it has its own test.
@@ -25,7 +27,7 @@ EVERY_LAYOUT = [*LAYOUTS, "eager"]
 
 def _compiled(cls: type = PolicyAugmenter, layout: str = "gathered", **kwargs: object) -> PolicyAugmenter:
     module = cls(seed=0, compile=True, **kwargs)
-    module._layout = lambda images: layout  # every call in this layout, whatever its shape and grad mode
+    force_layout(module, layout)  # every call in this layout, whatever its shape and grad mode
     return module
 
 
@@ -54,7 +56,7 @@ def _run(module: PolicyAugmenter, x: torch.Tensor, seed: int) -> tuple[torch.Ten
     for p in module.parameters():
         p.grad = None
     sample = module.sample(len(x), torch.Generator().manual_seed(seed))
-    out = module.apply(x, sample)
+    out = module(x, sample)
     if not module.training:
         return out, []
     return out.detach(), _gradients(module, out)
@@ -85,7 +87,7 @@ def test_compiled_reference_forward_and_solarize(layout: str, images: torch.Tens
     reference = ReferencePolicy(seed=0, probability=0.7)
     fast_reference = _compiled(ReferencePolicy, layout, probability=0.7)
     sample = reference.sample(len(images), torch.Generator().manual_seed(0))
-    assert (reference.apply(images, sample) - fast_reference.apply(images, sample)).abs().max() <= 1e-5
+    assert (reference(images, sample) - fast_reference(images, sample)).abs().max() <= 1e-5
 
 
 @pytest.mark.slow
@@ -125,7 +127,7 @@ def test_compiled_forward_draws_and_applies_as_eager_does(layout: str, images: t
             for module in (eager, fast):
                 module.train(training).zero_grad(set_to_none=True)
                 with torch.set_grad_enabled(training):
-                    out = module(x, torch.Generator().manual_seed(seed), masks=masks, boxes=boxes)
+                    out = module(x, generator=torch.Generator().manual_seed(seed), masks=masks, boxes=boxes)
                 if training:
                     (out.images * torch.linspace(0, 1, out.images.numel()).view_as(out.images)).sum().backward()
                 results.append((out, [p.grad.clone() for p in module.parameters()] if training else []))
@@ -137,9 +139,9 @@ def test_compiled_forward_draws_and_applies_as_eager_does(layout: str, images: t
                 torch.testing.assert_close(box_f, box_e, atol=1e-4, rtol=0)
             for g_e, g_f in zip(grads_e, grads_f, strict=True):
                 assert (g_e - g_f).norm() <= 1e-4 * g_e.norm() + 1e-9
-    graphs = {"static": {"_draw_and_pixels"}, "gathered": {"_draw_pairs", "_gathered_pixels"},
+    graphs = {"static": {"draw_and_pixels"}, "gathered": {"draw_pairs", "gathered_pixels"},
               "eager": set()}[layout]
-    assert set(fast._compiled) == graphs
+    assert set(fast._compiled.graphs) == graphs
 
 
 @pytest.mark.slow
@@ -211,20 +213,20 @@ def test_no_recompilation_after_warm_up(layout: str, images: torch.Tensor) -> No
     fast(images).mean().backward()
     with torch.no_grad():
         fast.eval()(images)
-        fast.apply(images, fast.sample(len(images)))
+        fast(images, fast.sample(len(images)))
     graphs = counters["stats"]["unique_graphs"]
     for batch in (5, 8, 3, 7):
         fast.train()(images[:batch]).mean().backward()
         with torch.no_grad():
             fast.eval()(images[:batch])
-            fast.apply(images[:batch], fast.sample(batch))
+            fast(images[:batch], fast.sample(batch))
     assert counters["stats"]["unique_graphs"] == graphs
     # The marks that keep the batch size dynamic go on aliases, never on the caller's images or sample (whose
     # tensors, outputs of a compiled graph, carry torch's own propagated marks: those stay as they were).
     x, sample = images[:4].clone(), fast.sample(4)
     callers = (x, sample.selected, sample.gates, sample.magnitudes, sample.positions)
     before = [dict(vars(t)) for t in callers]
-    fast.apply(x, sample), fast(x)
+    fast(x, sample), fast(x)
     assert [dict(vars(t)) for t in callers] == before and not vars(x)
     copied = copy.deepcopy(fast)  # a copy compiles for itself, and is the same policy
     assert torch.equal(copied.probability_logits, fast.probability_logits)
@@ -235,23 +237,23 @@ def test_layout_follows_the_device_the_shape_and_the_grad_mode() -> None:
     above, train steps gather on images of at most 32x32 and run eager otherwise; no-grad calls gather on images of
     at most 32x32 or on 16 images and more, and run eager otherwise. Static on any other device, whatever the
     shape."""
-    assert PolicyAugmenter()._layout(torch.empty(128, 3, 32, 32)) == "eager"
+    assert choose_layout(PolicyAugmenter(), torch.empty(128, 3, 32, 32)) == "eager"
     fast = PolicyAugmenter(compile=True)
 
     def layouts(*shape: int) -> tuple[str, str]:
         images = torch.empty(*shape)
         with torch.no_grad():
-            no_grad = fast._layout(images)
-        return no_grad, fast._layout(images)
+            no_grad = choose_layout(fast, images)
+        return no_grad, choose_layout(fast, images)
 
     assert layouts(8, 3, 8, 8) == layouts(2, 3, 32, 32) == ("static", "static")
     assert layouts(3, 3, 32, 32) == layouts(128, 3, 8, 8) == layouts(512, 3, 32, 32) == ("gathered", "gathered")
     assert layouts(16, 3, 33, 33) == layouts(16, 3, 96, 96) == layouts(32, 3, 224, 224) == ("gathered", "eager")
     assert layouts(15, 3, 33, 33) == layouts(4, 3, 224, 224) == ("eager", "eager")
     fast.requires_grad_(False)  # a frozen policy records no graph, unless its images need a gradient
-    assert fast._layout(torch.empty(16, 3, 96, 96)) == "gathered"
-    assert fast._layout(torch.empty(16, 3, 96, 96, requires_grad=True)) == "eager"
-    assert fast._layout(torch.empty(4, 3, 224, 224, device="meta")) == "static"
+    assert choose_layout(fast, torch.empty(16, 3, 96, 96)) == "gathered"
+    assert choose_layout(fast, torch.empty(16, 3, 96, 96, requires_grad=True)) == "eager"
+    assert choose_layout(fast, torch.empty(4, 3, 224, 224, device="meta")) == "static"
 
 
 @pytest.mark.slow
@@ -264,11 +266,11 @@ def test_batches_on_both_sides_of_the_layout_switch_reuse_their_graphs(images: t
         fast.eval(), eager.eval()
         for batch in (8, 2):  # warm-up, a forward and a replay: 8 images of 32x32 gather, 2 are static
             fast(images[:batch])
-            fast.apply(images[:batch], fast.sample(batch))
+            fast(images[:batch], fast.sample(batch))
         graphs = counters["stats"]["unique_graphs"]
         for batch in (7, 2, 5, 3):  # not 1: a batch of one is a setting of its own (see _noise)
             sample = fast.sample(batch, torch.Generator().manual_seed(batch))
-            assert (fast.apply(images[:batch], sample) - eager.apply(images[:batch], sample)).abs().max() <= 1e-5
+            assert (fast(images[:batch], sample) - eager(images[:batch], sample)).abs().max() <= 1e-5
             fast(images[:batch])
     assert counters["stats"]["unique_graphs"] == graphs
 
@@ -280,10 +282,10 @@ def test_gathered_layout_pads_ops_drawn_by_fewer_than_two_images(images: torch.T
     most ops are drawn by none: the result is still the eager one, gradients too."""
     eager, fast = _pair("gathered", ops=SMOOTH_OPS, n_ops=1, probability=0.99)
     sample = fast.sample(2, torch.Generator().manual_seed(0))
-    table, counts = fast._pair_table(sample.selected, sample.gates, sample.magnitudes)
+    table, counts = pair_table(active(sample.selected, sample.gates, sample.magnitudes, fast._has_magnitude))
     assert table.shape == (len(SMOOTH_OPS), 4) and (counts >= 2).all()
     assert (table[:, :2].sum(1) == 0).sum() >= len(SMOOTH_OPS) - 2  # most ops padded twice
-    assert torch.equal(table[:, :2], fast._active(sample.selected, sample.gates, sample.magnitudes).t())
+    assert torch.equal(table[:, :2], active(sample.selected, sample.gates, sample.magnitudes, fast._has_magnitude).t())
     _close(eager, fast, images[:2], atol=1e-5)
 
 

@@ -10,6 +10,7 @@ from torch._dynamo.utils import counters
 from torch.utils.data import DataLoader
 
 from diffaug import PolicyAugmenter
+from diffaug.compiled import choose_layout
 from diffaug.distill import Distiller
 from diffaug.distill.data import small_models, task_splits
 
@@ -24,9 +25,9 @@ def test_augmenter_on_cuda_equals_the_cpu_on_the_same_sample(images: torch.Tenso
         sample = aug.sample(len(images))
         masks = torch.randint(0, 10, (len(images), 32, 32))
         boxes = [torch.tensor([[4.0, 5.0, 20.0, 27.0]]) for _ in images]
-        cpu = aug.apply(images, sample, masks=masks, boxes=boxes) if geometry == "composed" else aug.apply(images, sample)
+        cpu = aug(images, sample, masks=masks, boxes=boxes) if geometry == "composed" else aug(images, sample)
         gpu_aug = aug.to("cuda")
-        gpu = gpu_aug.apply(images.cuda(), sample.to("cuda"), **({"masks": masks.cuda(), "boxes": [b.cuda() for b in boxes]}
+        gpu = gpu_aug(images.cuda(), sample.to("cuda"), **({"masks": masks.cuda(), "boxes": [b.cuda() for b in boxes]}
                                                                  if geometry == "composed" else {}))
         if geometry == "composed":
             # TF32 is off by default for matmuls; grid_sample and the encoders agree to float32 rounding.
@@ -92,12 +93,13 @@ def test_compiled_augmenter_on_cuda_matches_eager_and_does_not_recompile(mode: b
     eager = PolicyAugmenter(seed=0, ops=SMOOTH_OPS, probability=0.7, geometry=geometry).cuda()
     fast = PolicyAugmenter(seed=0, ops=SMOOTH_OPS, probability=0.7, geometry=geometry, compile=mode).cuda()
     x = torch.cat([images, images.flip(3)]).cuda()
-    assert fast._layout(x) == "static"
+    assert choose_layout(fast, x) == "static"
 
     def step(module: PolicyAugmenter, batch: int, training: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
         module.train(training).zero_grad(set_to_none=True)
         with torch.set_grad_enabled(training):
-            out = module(x[:batch], torch.Generator().manual_seed(batch)).clone()  # CUDA-graph memory is reused
+            generator = torch.Generator().manual_seed(batch)
+            out = module(x[:batch], generator=generator).clone()  # CUDA-graph memory is reused
         return (out.detach(), _gradients(module, out)) if training else (out, [])
 
     graphs = None

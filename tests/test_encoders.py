@@ -80,7 +80,7 @@ def test_augmenter_with_batched_nets_equals_eq5_with_each_encoder_alone(images: 
     ops at once; the output and the logits' gradients must be those of Eq. 5 written with each encoder alone."""
     aug = PolicyAugmenter(seed=0)
     sample = aug.sample(len(images))
-    got = aug.apply(images, sample)
+    got = aug(images, sample)
     expected = images.clone()
     for k, name in enumerate(sample.ops):
         m = sample.magnitudes[:, k]

@@ -123,17 +123,18 @@ def test_compiled_cpu_resample_is_grid_sample_with_its_gradients(mode: str) -> N
     """Compiled on a CPU, resample calls ATen's grid_sample through a custom op (inductor's decomposition is slower
     there): the op passes torch's own checks (fake tensors, autograd registration) and equals F.grid_sample, values
     and gradients to images and grid, bit for bit (the same ATen kernels). Also inside a compiled function."""
-    from diffaug.ops import _grid_sample_cpu, resample
+    from diffaug.compiled import grid_sample_cpu
+    from diffaug.ops import resample
 
     g = torch.Generator().manual_seed(2)
     x = torch.rand(3, 2, 7, 9, generator=g, requires_grad=True)
     grid = (2.2 * torch.rand(3, 5, 6, 2, generator=g) - 1.1).requires_grad_()
     interpolation = 0 if mode == "bilinear" else 1
-    torch.library.opcheck(_grid_sample_cpu, (x, grid, interpolation))
+    torch.library.opcheck(grid_sample_cpu, (x, grid, interpolation))
     weights = torch.rand(3, 2, 5, 6, generator=g)
     results = []
     for fn in (lambda: torch.nn.functional.grid_sample(x, grid, mode=mode, align_corners=False),
-               lambda: _grid_sample_cpu(x, grid, interpolation),
+               lambda: grid_sample_cpu(x, grid, interpolation),
                torch.compile(lambda: resample(x, grid, mode), fullgraph=True)):  # type: ignore[arg-type]
         with warnings.catch_warnings():  # compiling raises torch's own deprecation warnings: not ours
             warnings.simplefilter("ignore")

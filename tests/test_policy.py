@@ -212,7 +212,7 @@ def test_train_mode_gate_mean_matches_probability() -> None:
 def test_same_sample_replays_identically(images: torch.Tensor) -> None:
     aug = PolicyAugmenter(seed=0)
     sample = aug.sample(len(images))
-    torch.testing.assert_close(aug.apply(images, sample), aug.apply(images, sample), atol=0, rtol=0)
+    torch.testing.assert_close(aug(images, sample), aug(images, sample), atol=0, rtol=0)
 
 
 def test_seed_and_generator_make_draws_reproducible(images: torch.Tensor) -> None:
@@ -226,10 +226,10 @@ def test_seed_and_generator_make_draws_reproducible(images: torch.Tensor) -> Non
 def test_sample_slices_equal_per_image_application(images: torch.Tensor) -> None:
     aug = PolicyAugmenter(seed=0)
     sample = aug.sample(len(images))
-    batched = aug.apply(images, sample)
+    batched = aug(images, sample)
     for i in range(len(images)):
         # Float32 kernels (grid_sample, the image means) may group sums differently by batch size: a few ulps.
-        torch.testing.assert_close(aug.apply(images[i : i + 1], sample[i]), batched[i : i + 1], atol=1e-5, rtol=0)
+        torch.testing.assert_close(aug(images[i : i + 1], sample[i]), batched[i : i + 1], atol=1e-5, rtol=0)
 
 
 def test_probability_near_zero_is_the_identity(images: torch.Tensor) -> None:
@@ -260,14 +260,14 @@ def test_forward_reference_outputs_exact_pixels_with_encoder_gradients(images: t
     sample = ref.sample(len(images))
     exact = apply_op("Rotate", images, sample.magnitudes[:, 0].detach())
     gate = sample.gates[:, 0].detach().view(-1, 1, 1, 1)
-    out = ref.apply(images, sample)
+    out = ref(images, sample)
     # The augmenter warps only the drawn images: warp's grid (one matrix product) rounds differently by batch
     # size, by an ulp or two of a coordinate, up to ~1e-5 of a pixel at 32 px.
     torch.testing.assert_close(out, (images + gate * (exact - images)).clamp(0, 1), atol=1e-5, rtol=0)
     # The gradient w.r.t. the magnitude is the encoder's: through the same sample it equals the encoder mode's up
     # to where the fitted encoder and the exact op clip differently (the prior is ~69 dB from the op).
     (g_reference,) = torch.autograd.grad(out.sum(), ref.magnitude_logits, retain_graph=True)
-    (g_encoder,) = torch.autograd.grad(enc.apply(images, sample).sum(), ref.magnitude_logits)
+    (g_encoder,) = torch.autograd.grad(enc(images, sample).sum(), ref.magnitude_logits)
     assert float(g_reference.abs().sum()) > 0
     torch.testing.assert_close(g_reference, g_encoder, rtol=1e-2, atol=1e-4)
 
@@ -280,8 +280,8 @@ def test_normalised_inputs_round_trip(images: torch.Tensor) -> None:
     plain = PolicyAugmenter(seed=0)
     normed = PolicyAugmenter(seed=0, mean=mean, std=std)
     sample = plain.sample(len(images))
-    expected = (plain.apply(images, sample) - m) / s
-    torch.testing.assert_close(normed.apply((images - m) / s, sample), expected, atol=1e-5, rtol=0)
+    expected = (plain(images, sample) - m) / s
+    torch.testing.assert_close(normed((images - m) / s, sample), expected, atol=1e-5, rtol=0)
     with pytest.raises(DiffAugError, match=r"images normalised with mean/std must be a float tensor in \[-2.001"):
         normed(images * 3)  # un-normalised input passed to a normalising augmenter
 
@@ -291,9 +291,9 @@ def test_state_dict_pickle_and_deepcopy_round_trip(images: torch.Tensor) -> None
     with torch.no_grad():
         aug.magnitude_logits.add_(0.3)
     sample = aug.sample(len(images))
-    expected = aug.apply(images, sample)
+    expected = aug(images, sample)
     for clone in (copy.deepcopy(aug), pickle.loads(pickle.dumps(aug))):
-        torch.testing.assert_close(clone.apply(images, sample), expected, atol=0, rtol=0)
+        torch.testing.assert_close(clone(images, sample), expected, atol=0, rtol=0)
         assert clone.policy() == aug.policy()
     buffer = io.BytesIO()
     torch.save(aug.state_dict(), buffer)
@@ -314,15 +314,15 @@ def test_copies_and_casts_use_their_own_encoder_weights(images: torch.Tensor) ->
     use its own encoders' weights, and a weight written in place must be seen at the next call."""
     aug = PolicyAugmenter(ops=["Color"], n_ops=1, probability=1 - 1e-9, magnitude=0.9, seed=0).eval()
     sample = aug.sample(len(images))
-    expected = aug.apply(images, sample)
+    expected = aug(images, sample)
     for clone in (copy.deepcopy(aug), pickle.loads(pickle.dumps(aug))):
         with torch.no_grad():
             clone.encoders["Color"].coefficients.linear.bias.add_(0.5)
-        assert not torch.equal(clone.apply(images, sample), expected)
-        assert torch.equal(aug.apply(images, sample), expected)
+        assert not torch.equal(clone(images, sample), expected)
+        assert torch.equal(aug(images, sample), expected)
     double = copy.deepcopy(aug).double()
     # float64 weights and images; the outputs agree to float32 rounding.
-    torch.testing.assert_close(double.apply(images.double(), sample).float(), expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(double(images.double(), sample).float(), expected, atol=1e-6, rtol=0)
 
 
 def test_pickled_generator_continues_the_same_stream(images: torch.Tensor) -> None:
@@ -386,10 +386,10 @@ def test_bad_images_raise_at_forward() -> None:
 def test_sample_of_another_size_or_augmenter_is_refused(images: torch.Tensor) -> None:
     aug = PolicyAugmenter()
     with pytest.raises(DiffAugError, match=r"sample must come from this augmenter's sample\(8\).*got a sample of 4"):
-        aug.apply(images, aug.sample(4))
+        aug(images, aug.sample(4))
     other = PolicyAugmenter(ops=["Rotate"], n_ops=1)
     with pytest.raises(DiffAugError, match=r"over ops \['Rotate'\]"):
-        aug.apply(images, other.sample(len(images)))
+        aug(images, other.sample(len(images)))
     with pytest.raises(DiffAugError, match=r"batch_size must be a positive int; got 0"):
         aug.sample(0)
 
@@ -435,7 +435,7 @@ def test_to_dict_is_plain_json_and_round_trips_samples(images: torch.Tensor) -> 
         b = clone.sample(len(images), generator=torch.Generator().manual_seed(4))
         assert torch.equal(a.gates, b.gates) and torch.equal(a.magnitudes, b.magnitudes)
         x = (images - 0.5) / 0.25
-        assert torch.equal(aug.apply(x, a), clone.apply(x, b))
+        assert torch.equal(aug(x, a), clone(x, b))
 
 
 def test_from_dict_rejects_foreign_data() -> None:
@@ -473,23 +473,46 @@ def test_reference_policy_outputs_exact_ops(images: torch.Tensor) -> None:
     torch.testing.assert_close(out, apply_op("Solarize", images, torch.ones(len(images))), atol=0, rtol=0)
 
 
-def test_module_apply_of_a_parent_still_works(images: torch.Tensor) -> None:
-    """nn.Module.apply(fn) recurses into children as child.apply(fn): ours must keep that meaning."""
+def test_module_apply_is_the_inherited_one(images: torch.Tensor) -> None:
+    """A sample is replayed by calling the augmenter (``aug(x, sample)``), so ``apply`` is nn.Module's own: a parent's
+    ``apply(init_fn)`` reaches the augmenter and its children like any module's."""
+    assert PolicyAugmenter.apply is torch.nn.Module.apply
     aug = PolicyAugmenter(seed=0)
     model = torch.nn.Sequential(aug, torch.nn.Conv2d(3, 3, 1))
     seen = []
     assert model.apply(lambda module: seen.append(type(module).__name__)) is model
     assert "PolicyAugmenter" in seen and "Conv2d" in seen
-    with pytest.raises(DiffAugError, match=r"sample must be a PolicySample from sample\(\); got NoneType"):
-        aug.apply(images)
+    convs = []
+
+    def init_fn(module: torch.nn.Module) -> None:
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.zeros_(module.weight)
+            convs.append(module)
+
+    assert torch.nn.Sequential(aug).apply(init_fn) is not None and convs == []
+    model.apply(init_fn)
+    assert len(convs) == 1 and not model[1].weight.any()
+
+
+def test_a_call_takes_a_sample_or_a_generator_not_both(images: torch.Tensor) -> None:
+    """``aug(x, sample)`` replays, ``aug(x, generator=g)`` draws: they agree on the same generator; both at once,
+    or a generator where the sample goes, is an error that says so."""
+    aug = PolicyAugmenter(seed=0)
+    drawn = aug(images, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(drawn, aug(images, aug.sample(len(images), torch.Generator().manual_seed(3))))
+    with pytest.raises(DiffAugError, match=r"pass sample= .* or generator= .*, not both"):
+        aug(images, aug.sample(len(images)), generator=torch.Generator())
+    with pytest.raises(DiffAugError, match=r"sample must be a PolicySample from sample\(\) \(pass a generator as "
+                                           r"generator=\); got Generator"):
+        aug(images, torch.Generator())  # type: ignore[arg-type]
 
 
 def test_autocast_keeps_the_encoders_coefficients_in_float32(images: torch.Tensor) -> None:
     aug = PolicyAugmenter(ops=["Rotate"], n_ops=1, seed=0)
     sample = aug.sample(len(images))
-    expected = aug.apply(images, sample)
+    expected = aug(images, sample)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = aug.apply(images, sample)
+        out = aug(images, sample)
     torch.testing.assert_close(out.float(), expected, atol=1e-5, rtol=0)
 
 
@@ -504,7 +527,7 @@ def test_grouped_affine_ops_equal_eq5_with_one_op_at_a_time(images: torch.Tensor
         change = apply_op(name, images, sample.magnitudes[:, k]) - images
         expected += sample.gates[:, k].view(-1, 1, 1, 1) * change
     # Grid coordinates are float32 whichever way they are batched; a few ulps.
-    torch.testing.assert_close(reference.apply(images, sample), expected.clamp(0, 1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(reference(images, sample), expected.clamp(0, 1), atol=1e-5, rtol=0)
     assert int((sample.gates[:, : len(affine)] > 0).any(0).sum()) >= 2  # several affine ops shared the warp
 
 

@@ -71,16 +71,16 @@ def test_augmenter_invariants(x: torch.Tensor, n_ops: int, selection: str, seed:
     aug = _augmenter(n_ops, selection).train(training)
     before = x.clone()
     sample = aug.sample(len(x), generator=torch.Generator().manual_seed(seed))
-    out = aug.apply(x, sample).detach()
+    out = aug(x, sample).detach()
     assert out.shape == x.shape and out.dtype == x.dtype
     assert torch.isfinite(out).all() and float(out.min()) >= 0 and float(out.max()) <= 1
     assert torch.equal(x, before)
     # Batched equals per image, for a fixed sample (batch-size independence).
     for i in range(len(x)):
         # Float32 kernels may group sums differently by batch size: a few ulps.
-        torch.testing.assert_close(aug.apply(x[i : i + 1], sample[i]), out[i : i + 1], atol=1e-5, rtol=0)
+        torch.testing.assert_close(aug(x[i : i + 1], sample[i]), out[i : i + 1], atol=1e-5, rtol=0)
     # Determinism under a seed.
-    again = aug.apply(x, aug.sample(len(x), generator=torch.Generator().manual_seed(seed))).detach()
+    again = aug(x, aug.sample(len(x), generator=torch.Generator().manual_seed(seed))).detach()
     assert torch.equal(again, out)
 
 

@@ -80,7 +80,7 @@ def test_each_affine_op_moves_its_targets_as_its_reference_moves_the_image(name:
     x = _shapes()
     reference = apply_op(name, x, torch.full((2,), m))
     for policy in _policies():
-        out = policy.eval().apply(x, _sample(policy, {name: m}), **_targets())
+        out = policy.eval()(x, _sample(policy, {name: m}), **_targets())
         if not isinstance(policy, PolicyAugmenter) or policy.forward_mode == "reference":
             torch.testing.assert_close(out.images, reference, atol=1e-5, rtol=0)
         _check_against(reference, out)
@@ -99,7 +99,7 @@ def test_composed_ops_move_targets_as_the_ops_applied_in_turn(first: str, second
     for name in order:
         reference = apply_op(name, reference, torch.full((2,), m[name]))
     for policy in _policies():
-        out = policy.eval().apply(x, _sample(policy, m), **_targets())
+        out = policy.eval()(x, _sample(policy, m), **_targets())
         _check_against(reference, out)
 
 
@@ -110,7 +110,7 @@ def test_all_five_affine_ops_compose_into_one_warp() -> None:
     for name in AFFINE:
         reference = apply_op(name, reference, torch.full((2,), m[name]))
     policy = ReferencePolicy(geometry="composed")
-    out = policy.apply(x, _sample(policy, m), **_targets())
+    out = policy(x, _sample(policy, m), **_targets())
     _check_against(reference, out)
     # One warp, not five: the interior of the rectangle is sampled once, so it stays at 1 where five bilinear
     # resamplings would blur it; the two images agree away from the rectangle's rim.
@@ -122,11 +122,11 @@ def test_colour_and_fixed_ops_and_zero_magnitudes_leave_targets_exactly() -> Non
     policy = ReferencePolicy(geometry="composed")
     for m in ({"Brightness": 0.5, "Solarize": 0.7, "Cutout": 0.0, "Invert": 0.0, "Equalize": 0.0},
               {"Rotate": 0.0, "TranslateX": 0.0}):
-        out = policy.apply(x, _sample(policy, m), **targets)
+        out = policy(x, _sample(policy, m), **targets)
         assert torch.equal(out.masks, targets["masks"])
         for got, given in zip(out.boxes + out.keypoints, targets["boxes"] + targets["keypoints"], strict=True):
             assert torch.equal(got, given)
-    out = policy.apply(x, _sample(policy, {"Rotate": 0.0, "TranslateX": 0.0}), **targets)
+    out = policy(x, _sample(policy, {"Rotate": 0.0, "TranslateX": 0.0}), **targets)
     assert torch.equal(out.images, x)  # m = 0 is the identity, images too
 
 
@@ -136,13 +136,13 @@ def test_targets_replay_and_never_change_the_images(images: torch.Tensor) -> Non
     masks = torch.randint(0, 10, (len(images), 32, 32))
     soft = torch.rand(len(images), 2, 32, 32)
     boxes = [torch.tensor([[4.0, 5.0, 20.0, 27.0], [0.0, 0.0, 32.0, 32.0]]) for _ in images]
-    alone = aug.apply(images, sample)
-    first = aug.apply(images, sample, masks=masks, boxes=boxes)
-    again = aug.apply(images, sample, masks=masks, boxes=boxes)
+    alone = aug(images, sample)
+    first = aug(images, sample, masks=masks, boxes=boxes)
+    again = aug(images, sample, masks=masks, boxes=boxes)
     assert isinstance(alone, torch.Tensor) and torch.equal(first.images, alone)
     assert torch.equal(first.masks, again.masks)
     assert all(torch.equal(a, b) for a, b in zip(first.boxes, again.boxes, strict=True))
-    assert first.keypoints is None and aug.apply(images, sample, masks=soft).masks.shape == soft.shape
+    assert first.keypoints is None and aug(images, sample, masks=soft).masks.shape == soft.shape
 
 
 def test_batched_equals_per_image_and_inputs_are_not_modified(images: torch.Tensor) -> None:
@@ -152,11 +152,11 @@ def test_batched_equals_per_image_and_inputs_are_not_modified(images: torch.Tens
     boxes = [torch.tensor([[4.0 + i, 5.0, 20.0, 27.0]]) for i in range(len(images))]
     keypoints = [torch.tensor([[10.0, 12.0 + i]]) for i in range(len(images))]
     copies = images.clone(), masks.clone(), [b.clone() for b in boxes]
-    batched = aug.apply(images, sample, masks=masks, boxes=boxes, keypoints=keypoints)
+    batched = aug(images, sample, masks=masks, boxes=boxes, keypoints=keypoints)
     assert torch.equal(images, copies[0]) and torch.equal(masks, copies[1])
     assert all(torch.equal(b, c) for b, c in zip(boxes, copies[2], strict=True))
     for i in range(len(images)):
-        one = aug.apply(images[i:i + 1], sample[i], masks=masks[i:i + 1], boxes=boxes[i:i + 1],
+        one = aug(images[i:i + 1], sample[i], masks=masks[i:i + 1], boxes=boxes[i:i + 1],
                         keypoints=keypoints[i:i + 1])
         # warp's grid is one matrix product, which rounds differently by batch size (an ulp of a coordinate).
         torch.testing.assert_close(one.images, batched.images[i:i + 1], atol=1e-5, rtol=0)
@@ -185,7 +185,7 @@ def test_masks_on_the_images_grid_equal_masks_on_a_grid_of_their_own(images: tor
     _, linear, shift, moved, grid = aug._pixels(*inputs)
     assert grid is not None and len(moved) == (len(images) if moving == "every" else len(images) - 3)
     for masks in (labels, soft):
-        out = aug.apply(images, sample, masks=masks).masks
+        out = aug(images, sample, masks=masks).masks
         rebuilt, *_ = move_targets(linear, shift, moved, masks, None, None, (32, 32), aug.ignore_index)
         assert torch.equal(out, rebuilt)
         unmoved = torch.ones(len(images), dtype=torch.bool).index_fill(0, moved, False)
@@ -199,13 +199,13 @@ def test_pixels_from_outside_get_ignore_index_and_boxes_that_leave_are_flagged()
     shift = 0.9 * 150 / 331 * SIZE  # TranslateX by m = -0.9 moves the content right by 13.05 px
     for ignore in (255, -1):
         policy = ReferencePolicy(geometry="composed", ignore_index=ignore)
-        out = policy.apply(x, _sample(policy, {"TranslateX": -0.9}), **targets)
+        out = policy(x, _sample(policy, {"TranslateX": -0.9}), **targets)
         assert bool((out.masks[:, :, :13] == ignore).all())
         assert not bool((out.masks[:, :, 14:] == ignore).any())
         expected = torch.tensor([[shift, 0.0, 6 + shift, 6.0], [11 + shift, 9.0, SIZE, 21.0]])  # clipped at W
         torch.testing.assert_close(out.boxes[0], expected)
         assert out.keep[0].tolist() == [True, True]
-    out = policy.apply(x, _sample(policy, {"TranslateX": 0.9}), **targets)  # content moves left by 13.05 px
+    out = policy(x, _sample(policy, {"TranslateX": 0.9}), **targets)  # content moves left by 13.05 px
     # The corner box leaves the image: flagged, with no area; the rectangle is cut at the left edge.
     assert out.keep[0].tolist() == [False, True]
     torch.testing.assert_close(out.boxes[0], torch.tensor([[0.0, 0.0, 0.0, 6.0], [0.0, 9.0, 23 - shift, 21.0]]))
@@ -220,7 +220,7 @@ def test_pixels_labelled_ignore_index_move_as_any_label() -> None:
     stand_in = torch.where(labels == 255, 9, labels)  # 9 is not in labels
     policy = ReferencePolicy(geometry="composed")
     sample = _sample(policy, {"Rotate": 0.4, "ShearY": -0.3})
-    out, reference = policy.apply(x, sample, masks=labels).masks, policy.apply(x, sample, masks=stand_in).masks
+    out, reference = policy(x, sample, masks=labels).masks, policy(x, sample, masks=stand_in).masks
     assert bool((reference == 9).any()) and bool((out == 1000).any())
     assert torch.equal(out, torch.where(reference == 9, 255, reference))
 
@@ -253,7 +253,7 @@ def test_composed_equals_residual_when_an_image_draws_one_affine_op(images: torc
     sample = composed.sample(len(images))
     # With hard gates (eval) one warp at the op's map is the op's residual at gate 1. (Relaxed gates differ: the
     # composed form moves the image part of the way, the residual blends the moved and the unmoved image.)
-    torch.testing.assert_close(composed.apply(images, sample), residual.apply(images, sample), atol=1e-5, rtol=0)
+    torch.testing.assert_close(composed(images, sample), residual(images, sample), atol=1e-5, rtol=0)
 
 
 def test_geometry_round_trips_through_to_dict_and_to_reference() -> None:
