@@ -146,7 +146,7 @@ def test_augmenters_in_half_precision_match_float32_on_the_same_sample(dtype: to
         augmenter.eval()
         sample = augmenter.sample(len(x), torch.Generator().manual_seed(0))
         with torch.no_grad():
-            expected, out = augmenter.apply(x, sample), augmenter.apply(x.to(dtype), sample)
+            expected, out = augmenter(x, sample), augmenter(x.to(dtype), sample)
         assert out.dtype == dtype and torch.isfinite(out).all()
         mae = (out.float() - expected).abs().mean().item()
         assert mae <= HALF_MAE[dtype], f"{type(augmenter).__name__} {augmenter.geometry}: {mae:.4f}"

@@ -298,7 +298,7 @@ def test_label_masks_of_every_integer_dtype_are_padded_with_ignore_index(dtype: 
     ignore = 0 if dtype == torch.uint8 else -1
     policy = ReferencePolicy(geometry="composed", ignore_index=ignore)
     masks = _targets()["masks"].to(dtype) + 1  # labels 1 and 2
-    out = policy.apply(_shapes(), _sample(policy, {"TranslateX": -0.9}), masks=masks).masks
+    out = policy(_shapes(), _sample(policy, {"TranslateX": -0.9}), masks=masks).masks
     assert out.dtype == dtype
     assert bool((out[:, :, :13] == ignore).all()) and set(out[:, :, 14:].unique().tolist()) <= {1, 2}
 
@@ -310,7 +310,7 @@ def test_labels_far_from_ignore_index_come_back_exactly() -> None:
     sample = _sample(policy, {"Rotate": 0.4})
     small = _targets()["masks"]
     big = small * (2**40 + 1)
-    out, reference = policy.apply(_shapes(), sample, masks=big).masks, policy.apply(_shapes(), sample, masks=small).masks
+    out, reference = policy(_shapes(), sample, masks=big).masks, policy(_shapes(), sample, masks=small).masks
     assert torch.equal(out, torch.where(reference == 255, 255, reference * (2**40 + 1)))
     with pytest.raises(DiffAugError, match=r"within 2\*\*53 of ignore_index \(255\) .*got labels in \[0, 1152921504606846976\]"):
-        policy.apply(_shapes(), sample, masks=small * 2**60)
+        policy(_shapes(), sample, masks=small * 2**60)
