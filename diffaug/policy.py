@@ -29,8 +29,8 @@ from .encoders import MetaEncoder
 from .errors import DiffAugError, check_images, check_names
 from .ops import get_op, op_names
 from .render import EncoderRenderer, ReferenceRenderer, Renderer, StraightThroughRenderer
-from .sampling import (MAGNITUDE_SAMPLINGS, MagnitudeSampling, PolicySample, draw, noise_width, relaxed_bernoulli,
-                       uniform)
+from .sampling import (MAGNITUDE_SAMPLINGS, MagnitudeSampling, PolicySample, draw, noise_width, op_meaning,
+                       relaxed_bernoulli, uniform)
 from .targets import Augmented, check_targets, move_targets
 
 __all__ = ["GEOMETRIES", "MAGNITUDE_SAMPLINGS", "Policy", "PolicyAugmenter", "PolicySample", "ReferencePolicy",
@@ -300,15 +300,24 @@ class Policy(nn.Module):
     # ----------------------------------------------------------------------------------------------------------
     # Inspection
 
-    def policy(self) -> dict[str, dict[str, float]]:
-        """Current apply probability of every op and magnitude of every magnitude op, by op name."""
+    def policy(self) -> dict[str, dict[str, Any]]:
+        """What the policy does, by op name: its apply ``probability`` p and (magnitude ops) its ``magnitude`` m, the
+        two learned numbers, and what they mean under ``magnitude_sampling`` (``sampling.op_meaning``): the
+        ``strength`` distribution of an applied op ("relaxed": ``full_or_none``, full strength with probability m,
+        else none, the identity; "mean": ``fixed`` at m; "uniform": ``uniform`` on [0, m]), the
+        ``effective_probability`` of an application at ``effective_strength`` (p * m at full strength under
+        "relaxed"; p otherwise) and a ``summary`` sentence. Under "relaxed", m = 0.3 does not mean strength 0.3.
+
+        Example:
+            >>> op = ReferencePolicy(["Solarize"], probability=0.5, magnitude=0.3).policy()["Solarize"]
+            >>> round(op["magnitude"], 6), op["strength"]["kind"], round(op["effective_probability"], 6)
+            (0.3, 'full_or_none', 0.15)
+        """
         probabilities = torch.sigmoid(self.probability_logits.detach()).tolist()
         magnitude_values = torch.sigmoid(self.magnitude_logits.detach()).tolist()
         magnitudes = dict(zip(self.magnitude_ops, magnitude_values, strict=True))
-        result: dict[str, dict[str, float]] = {}
-        for name, p in zip(self.ops, probabilities, strict=True):
-            result[name] = {"probability": p} | ({"magnitude": magnitudes[name]} if name in magnitudes else {})
-        return result
+        return {name: op_meaning(p, magnitudes.get(name), self.magnitude_sampling)
+                for name, p in zip(self.ops, probabilities, strict=True)}
 
     def settings(self) -> dict[str, Any]:
         """The constructor arguments that shape sampling, as plain JSON values."""
@@ -325,7 +334,10 @@ class Policy(nn.Module):
         }
 
     def to_dict(self) -> dict[str, Any]:
-        """The policy as plain JSON: op names, probabilities, magnitudes, settings, and the exact logits.
+        """The policy as plain JSON: op names, probabilities, magnitudes, settings, the exact logits, and
+        ``meaning``: per op, what it does under ``magnitude_sampling`` (``policy()`` less the two numbers, which are
+        under ``probability`` and ``magnitude``). ``from_dict`` reads the logits and settings only, so dicts written
+        before ``meaning`` existed load the same.
 
         Example:
             >>> import json
@@ -339,6 +351,7 @@ class Policy(nn.Module):
             **self.settings(),
             "probability": {n: v["probability"] for n, v in policy.items()},
             "magnitude": {n: v["magnitude"] for n, v in policy.items() if "magnitude" in v},
+            "meaning": {n: {k: v[k] for k in v if k not in ("probability", "magnitude")} for n, v in policy.items()},
             # float32 -> Python float -> JSON and back is exact, so samples replay bit for bit.
             "probability_logits": self.probability_logits.detach().cpu().tolist(),
             "magnitude_logits": self.magnitude_logits.detach().cpu().tolist(),

@@ -121,9 +121,9 @@ def test_policy_reports_probabilities_and_magnitudes() -> None:
     policy = aug.policy()
     assert list(policy) == list(OPS)
     assert policy["Rotate"]["probability"] == pytest.approx(0.9)
-    assert policy["Color"] == pytest.approx({"probability": 0.5, "magnitude": 0.25})
+    assert policy["Color"]["probability"] == pytest.approx(0.5) and policy["Color"]["magnitude"] == pytest.approx(0.25)
     for name in ("Equalize", "Invert", "Cutout"):
-        assert set(policy[name]) == {"probability"}
+        assert "probability" in policy[name] and "magnitude" not in policy[name]
 
 
 def test_sample_draws_n_ops_per_image_without_replacement() -> None:
@@ -542,3 +542,52 @@ def test_an_affine_encoder_without_matrices_is_refused_at_construction() -> None
         PolicyAugmenter(ops=["Rotate"], priors={"Rotate": OnlyTransform("Rotate", "default")})
     # A colour op needs only transform.
     PolicyAugmenter(ops=["Brightness"], priors={"Brightness": OnlyTransform("Brightness", "default")})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What a policy means (issue 31, item 1)
+
+
+@pytest.mark.parametrize(("sampling", "strength", "effective"), [
+    ("relaxed", {"kind": "full_or_none", "full_probability": 0.3}, 0.5 * 0.3),
+    ("mean", {"kind": "fixed", "value": 0.3}, 0.5),
+    ("uniform", {"kind": "uniform", "low": 0.0, "high": 0.3}, 0.5),
+])
+def test_policy_states_the_strength_distribution_per_sampler(sampling: str, strength: dict, effective: float) -> None:
+    from diffaug import ReferencePolicy
+
+    policy = ReferencePolicy(["Solarize", "Invert"], n_ops=1, probability=0.5, magnitude=0.3,
+                             magnitude_sampling=sampling).policy()
+    solarize = policy["Solarize"]
+    # float32 logits round 0.3 to within 1e-7
+    assert solarize["probability"] == pytest.approx(0.5) and solarize["magnitude"] == pytest.approx(0.3)
+    assert solarize["strength"] == pytest.approx(strength)
+    assert solarize["effective_probability"] == pytest.approx(effective)
+    assert "magnitude" not in policy["Invert"] and policy["Invert"]["strength"] == {"kind": "fixed", "value": 1.0}
+
+
+def test_relaxed_meaning_matches_the_draws() -> None:
+    """Under "relaxed", eval-mode draws of an applied op are at strength 0 or 1, full with probability m: what
+    policy() says. 4,000 draws: the binomial standard error at m = 0.3 is 0.007, so 0.03 is over 4 sigma."""
+    aug = PolicyAugmenter(["Solarize"], n_ops=1, probability=0.5, magnitude=0.3, priors=None, seed=0).eval()
+    sample = aug.sample(4000)
+    applied = sample.gates[:, 0] > 0.5
+    strength = sample.magnitudes[applied, 0].abs()
+    assert set(strength.unique().tolist()) <= {0.0, 1.0}
+    assert float((strength == 1).float().mean()) == pytest.approx(aug.policy()["Solarize"]["strength"]["full_probability"], abs=0.03)
+
+
+def test_to_dict_carries_the_meaning_and_reads_an_old_dict_the_same() -> None:
+    import json
+    from pathlib import Path
+
+    from diffaug import ReferencePolicy
+
+    old = json.loads((Path(__file__).parent / "data" / "policy_format1_before_meaning.json").read_text())
+    assert "meaning" not in old  # written before to_dict carried it
+    policy = ReferencePolicy.from_dict(old)
+    data = json.loads(json.dumps(policy.to_dict()))
+    assert data["meaning"]["Solarize"]["strength"]["kind"] == "full_or_none"
+    assert data["meaning"]["Solarize"]["effective_probability"] == pytest.approx(0.3 * 0.3)
+    assert data["probability_logits"] == old["probability_logits"] and data["magnitude_logits"] == old["magnitude_logits"]
+    assert ReferencePolicy.from_dict(data).policy() == policy.policy()
