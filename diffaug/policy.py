@@ -151,6 +151,7 @@ class Policy(nn.Module):
         self.renderer = ReferenceRenderer()
         self._set_normalisation(mean, std)
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        self._seed, self._worker_seed = seed, None  # see _own_generator
         if compile is not False and compile is not True and compile not in COMPILE_MODES:
             raise DiffAugError(f"compile must be True, False or a torch.compile mode {list(COMPILE_MODES)}; got {compile!r}")
         self.compile_mode = None if compile is False else ("default" if compile is True else compile)
@@ -176,12 +177,48 @@ class Policy(nn.Module):
     def _noise(self, batch_size: int, generator: torch.Generator | None) -> Tensor:
         """All the uniform noise of a batch's sample in one draw, always eager: the generator gives the same stream,
         compiled or not."""
-        generator = generator if generator is not None else self.generator
+        generator = generator if generator is not None else self._own_generator()
         width = noise_width(len(self.ops), len(self.magnitude_ops))
         noise = uniform((batch_size, width), generator, self.probability_logits.device)
         if self.compile_mode is not None and batch_size > 1:
             mark_dynamic(noise)  # one graph for every batch size
         return noise
+
+    def _own_generator(self) -> torch.Generator | None:
+        """The seeded policy's generator, given its own stream in each DataLoader worker.
+
+        A forked worker holds a copy of the generator in the parent's state (and a spawned one its pickled state),
+        so every worker would repeat the others' draws. On its first use in a worker, the generator is reseeded
+        from the worker's seed (``get_worker_info().seed``: the DataLoader's base seed, drawn from torch's default
+        generator or the DataLoader's ``generator=``, plus the worker id) mixed with the policy's seed: workers draw
+        differently, and a rerun with the same ``torch.manual_seed`` draws the same. In the main process the stream
+        is the seed's own."""
+        if self.generator is None:
+            return None
+        info = torch.utils.data.get_worker_info()
+        if info is not None and info.seed != self._worker_seed:
+            self._worker_seed = info.seed
+            self.generator.manual_seed((info.seed * 0x9E3779B97F4A7C15 + self._seed) % 2**64)
+        return self.generator
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A torch.Generator does not survive pickling (a spawned DataLoader worker cannot unpickle it): carry its
+        # state instead, so that a pickled or deep-copied policy continues the same stream.
+        state = self.__dict__.copy()
+        generator = state.get("generator")
+        if generator is not None:
+            state["generator"] = None
+            # As plain bytes: a tensor would travel to a spawned worker through shared memory, which failed there.
+            state["_generator_state"] = (str(generator.device), generator.get_state().numpy().tobytes())
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        saved = state.pop("_generator_state", None)
+        super().__setstate__(state)
+        if saved is not None:
+            device, rng = saved
+            self.generator = torch.Generator(device=device)
+            self.generator.set_state(torch.frombuffer(bytearray(rng), dtype=torch.uint8))
 
     def _draw_sample(self, noise: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``sample``'s arithmetic on a batch's uniform noise (``sampling.draw`` on this policy's logits)."""

@@ -591,3 +591,41 @@ def test_to_dict_carries_the_meaning_and_reads_an_old_dict_the_same() -> None:
     assert data["meaning"]["Solarize"]["effective_probability"] == pytest.approx(0.3 * 0.3)
     assert data["probability_logits"] == old["probability_logits"] and data["magnitude_logits"] == old["magnitude_logits"]
     assert ReferencePolicy.from_dict(data).policy() == policy.policy()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A seeded ReferencePolicy in DataLoader workers
+
+
+def test_pickling_carries_the_generator_state() -> None:
+    from diffaug import ReferencePolicy
+
+    policy = ReferencePolicy(seed=3)
+    policy.sample(4)  # move the stream on: the copy must continue from here, not from the seed
+    copy_ = pickle.loads(pickle.dumps(policy))
+    deep = copy.deepcopy(policy)
+    expected = policy.sample(5)
+    for other in (copy_, deep):
+        assert other.generator is not policy.generator
+        assert torch.equal(other.sample(5).gates, expected.gates)
+
+
+def _worker_batches(context: str, seed: int) -> list[torch.Tensor]:
+    from diffaug import ReferencePolicy
+
+    from .workers_dataset import Augmented
+
+    torch.manual_seed(seed)  # the DataLoader's base seed, hence the workers' seeds
+    loader = torch.utils.data.DataLoader(Augmented(ReferencePolicy(seed=0, probability=0.7)), batch_size=4,
+                                         num_workers=2, multiprocessing_context=context)
+    return list(loader)
+
+
+@pytest.mark.parametrize("context", ["fork", pytest.param("spawn", marks=pytest.mark.slow)])
+def test_seeded_reference_policy_in_dataloader_workers(context: str) -> None:
+    first, second = _worker_batches(context, seed=1)  # batch i comes from worker i
+    assert not torch.equal(first, second)  # each worker its own stream
+    again = _worker_batches(context, seed=1)
+    assert torch.equal(again[0], first) and torch.equal(again[1], second)  # a rerun draws the same
+    other = _worker_batches(context, seed=2)
+    assert not torch.equal(other[0], first)  # another base seed (another epoch), other draws
