@@ -184,7 +184,7 @@ def test_settings_objects_build_the_same_distiller_as_keywords() -> None:
     teacher, student = small_models(1, 10)
     by_object = Distiller.from_settings(teacher, student, PolicyAugmenter(), settings)
     assert by_object.settings == _distiller().settings
-    with pytest.raises(DiffAugError, match=r"either as settings=Settings\(...\) or as keywords, not both"):
+    with pytest.raises(TypeError, match="settings"):  # one way or the other: no keyword can be silently dropped
         Distiller(teacher, student, PolicyAugmenter(), settings=settings, lr=0.2)
 
 
@@ -221,3 +221,32 @@ def test_a_new_kd_loss_is_one_registry_entry(monkeypatch: pytest.MonkeyPatch) ->
     x, y = next(iter(_loader()))
     assert torch.isfinite(torch.tensor(distiller.train_step(x, y)["loss"])) and calls == [2.0]
     assert parser().parse_args(["--kd", "mse"]).kd == "mse"
+
+
+def test_a_changed_standard_augment_is_refused(checkpoint: Path) -> None:
+    import functools
+
+    from diffaug.distill.data import random_crop_flip
+
+    distiller = _distiller(standard_augment=functools.partial(random_crop_flip, flip=False))
+    _refused(distiller, lambda: distiller.load(checkpoint),
+             r"checkpoint was written with standard_augment=None; this Distiller has standard_augment="
+             r"'partial\(callable diffaug.distill.data.random_crop_flip, flip=False\)'")
+
+
+def test_load_given_the_loader_refuses_other_data_before_anything_changes(checkpoint: Path) -> None:
+    distiller = _distiller()
+    _refused(distiller, lambda: distiller.load(checkpoint, _loader(seed=3)),
+             r"the checkpoint was written for training data .* resume with the data the run started on")
+    _distiller().load(checkpoint, _loader())  # the same data loads
+
+
+def test_callables_are_recorded_by_name_not_by_address() -> None:
+    import functools
+
+    from diffaug.distill.settings import callable_name
+
+    assert callable_name(kd_loss) == "callable diffaug.distill.objective.kd_loss"
+    assert callable_name(functools.partial(kd_loss, temperature=2.0)) == (
+        "partial(callable diffaug.distill.objective.kd_loss, temperature=2.0)")
+    assert "0x" not in callable_name(torch.nn.Identity())  # an object by its class

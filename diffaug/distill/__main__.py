@@ -199,12 +199,13 @@ def run(args: argparse.Namespace) -> dict | None:
     augment = None if args.data == "folder" else standard_augment(args.data)
     distiller = Distiller.from_settings(teacher.eval(), student, PolicyAugmenter(mean=data.mean, std=data.std), plan,
                                         standard_augment=augment)
-    if resume:
-        distiller.load(checkpoint)
     world, drop_last = parallel.world(), args.data == "folder"
-    batch = fitting_batch(args.batch_size, data.train, "batch", drop_last, world) // world
+    # Under torchrun every rank's loader drops its last partial batch (parallel.train_loader).
+    batch = fitting_batch(args.batch_size, data.train, "batch", drop_last or world > 1, world) // world
     workers = {"num_workers": args.workers, "persistent_workers": args.workers > 0, "pin_memory": "cuda" in args.device}
     loader = parallel.train_loader(data.train, batch, args.seed, drop_last, **workers)
+    if resume:
+        distiller.load(checkpoint, loader)  # the data is checked too, before anything changes
     # Every rank evaluates the whole test set: the summed statistics give the exact metric.
     test_loader = DataLoader(data.test, batch_size=256, **workers)
     args.training = True

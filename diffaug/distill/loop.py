@@ -35,7 +35,8 @@ from . import parallel
 from .data import data_identity
 from .objective import LogitKD, logit_kd
 from .parallel import end_distributed_process
-from .settings import PAPER_MILESTONES, RESUMABLE_CHANGES, Run, Search, Settings, StageThree, default_milestones
+from .settings import (PAPER_MILESTONES, RESUMABLE_CHANGES, Run, Search, Settings, StageThree, callable_name,
+                       default_milestones)
 from .steps import POLICIES, Distillation, Prepare
 from .tasks import Task, resolve_task
 from .trainer import COUNTERS, Milestones, Trainer, read_checkpoint
@@ -149,7 +150,6 @@ class Distiller:
         task: str | Task = "classification",
         standard_augment: Callable[[Tensor, torch.Generator], Tensor] | None = None,
         optimiser: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
-        settings: Settings | None = None,
         lr: float = StageThree.lr,
         momentum: float = StageThree.momentum,
         weight_decay: float = StageThree.weight_decay,
@@ -176,21 +176,18 @@ class Distiller:
         channels_last: bool = Run.channels_last,
         progress: bool = Run.progress,
     ) -> None:
-        given = {k: v for k, v in locals().items() if k in _KEYWORDS and v is not _KEYWORD_DEFAULTS[k]}
-        if settings is None:
-            settings = Settings.from_keywords(**given)
-        elif given:
-            raise DiffAugError(f"pass the settings either as settings=Settings(...) or as keywords, not both; got "
-                               f"settings and {sorted(given)}")
-        self._build(teacher, student, augmenter, task, standard_augment, optimiser, settings)
+        given = {k: v for k, v in locals().items() if k in _KEYWORDS}
+        self._build(teacher, student, augmenter, task, standard_augment, optimiser, Settings.from_keywords(**given))
 
     @classmethod
     def from_settings(cls, teacher: nn.Module, student: nn.Module, augmenter: nn.Module, settings: Settings, *,
                       task: str | Task = "classification", standard_augment: Callable | None = None,
                       optimiser: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None) -> Distiller:
-        """The Distiller of ``settings``: ``Distiller(teacher, student, augmenter, settings=settings, ...)``."""
-        return cls(teacher, student, augmenter, task=task, standard_augment=standard_augment, optimiser=optimiser,
-                   settings=settings)
+        """The Distiller of ``settings`` (the keywords of ``Distiller(...)`` grouped as typed objects; a setting
+        is given one way or the other, never both)."""
+        distiller = cls.__new__(cls)
+        distiller._build(teacher, student, augmenter, task, standard_augment, optimiser, settings)
+        return distiller
 
     def _build(self, teacher: nn.Module, student: nn.Module, augmenter: nn.Module, task: str | Task,
                standard_augment: Callable | None, optimiser: Callable | None, settings: Settings) -> None:
@@ -253,6 +250,7 @@ class Distiller:
         self.trainer = Trainer(self.stages, self.optimiser, _schedule(stage_three), seed=run.seed,
                                generator=self.generator, progress=run.progress, searches=search.epochs, search_steps=search.steps, metric_name=task.metric_name)
         self._teacher_record = _module_record(self.teacher, weights=True)
+        self._standard_augment = None if standard_augment is None else callable_name(standard_augment)
         self._data: dict[str, Any] | None = None  # the training data's identity, from fit or from a checkpoint
         torch.manual_seed(run.seed + self.rank)
 
@@ -341,7 +339,8 @@ class Distiller:
                      "defaults": {k: v for k, v in self.optimiser.defaults.items()
                                   if isinstance(v, (bool, int, float, str, type(None)))}}
         return {"settings": keywords, "teacher": self._teacher_record, "student": _module_record(self.student),
-                "augmenter": augmenter, "task": _module_record(self.task), "optimiser": optimiser, "data": self._data}
+                "augmenter": augmenter, "task": _module_record(self.task), "optimiser": optimiser,
+                "standard_augment": self._standard_augment, "data": self._data}
 
     def state_dict(self) -> dict[str, Any]:
         return {**self.trainer.state_dict(), "format": FORMAT_VERSION, "settings": self.record()}
@@ -401,9 +400,18 @@ class Distiller:
         previous one intact. Call it on every rank."""
         self.trainer.save(path, {"format": FORMAT_VERSION, "settings": self.record()})
 
-    def load(self, path: str | os.PathLike) -> None:
-        """Resume from a checkpoint written by ``save``: everything is checked first (``load_state_dict``)."""
-        self.load_state_dict(read_checkpoint(path, self.device))
+    def load(self, path: str | os.PathLike, train_loader: Iterable | None = None) -> None:
+        """Resume from a checkpoint written by ``save``: everything is checked first (``load_state_dict``). Give the
+        ``train_loader`` the run will continue on to have its data checked here too, before anything changes;
+        otherwise ``fit`` checks it, before training but after the state was loaded."""
+        state = read_checkpoint(path, self.device)
+        identity = None if train_loader is None else data_identity(train_loader)
+        saved = state.get("settings", {}).get("data") if isinstance(state, dict) and isinstance(
+            state.get("settings"), dict) else None
+        if identity is not None and saved is not None and identity != saved:
+            raise DiffAugError(f"the checkpoint was written for training data {saved}; this train_loader has "
+                               f"{identity}: resume with the data the run started on")
+        self.load_state_dict(state)
 
     def save_history(self, path: str | os.PathLike) -> None:
         """The history as JSON, written atomically."""
@@ -412,7 +420,7 @@ class Distiller:
 
 
 _KEYWORD_DEFAULTS = Distiller.__init__.__kwdefaults__
-_KEYWORDS = frozenset(_KEYWORD_DEFAULTS) - {"task", "standard_augment", "optimiser", "settings"}
+_KEYWORDS = frozenset(_KEYWORD_DEFAULTS) - {"task", "standard_augment", "optimiser"}
 
 
 def _schedule(stage_three: StageThree) -> Milestones:

@@ -12,6 +12,7 @@ users pass it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -207,7 +208,17 @@ class Settings:
         for keyword, (group, field) in KEYWORDS.items():
             value = getattr(getattr(self, group), field)
             if callable(value):
-                value = f"callable {getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', repr(value))}"
+                value = callable_name(value)
             flat[keyword] = list(value) if isinstance(value, tuple) else value
         return flat
 
+
+def callable_name(function: Any) -> str:
+    """A callable as its module and qualified name, the same in every process (never a ``repr`` with a memory
+    address): a ``functools.partial`` by its function and arguments, an object by its class. Two lambdas of one
+    module share a name, so a checkpoint cannot tell them apart: name the functions a resumed run depends on."""
+    if isinstance(function, functools.partial):
+        arguments = [repr(a) for a in function.args] + [f"{k}={v!r}" for k, v in sorted(function.keywords.items())]
+        return f"partial({callable_name(function.func)}, {', '.join(arguments)})"
+    named = function if hasattr(function, "__qualname__") else type(function)
+    return f"callable {getattr(named, '__module__', '?')}.{named.__qualname__}"
