@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ops import get_op, warp_rows
+from .ops import geometry_dtype, get_op, warp_rows
 from .render import Renderer
 
 __all__ = ["EAGER", "GEOMETRIES", "NEGLIGIBLE", "Output", "Pairs", "Plan", "active", "compose_maps", "pixels",
@@ -175,15 +175,16 @@ def compose_maps(plan: Plan, renderer: Renderer, pairs: Pairs, images: Tensor, g
     in gates and magnitudes; the ops compose in table order, the first drawn acting first.
     """
     batch, height, width = images.shape[0], images.shape[-2], images.shape[-1]
-    eye = torch.eye(2, device=images.device)
-    linear, shift = eye.expand(batch, 2, 2), images.new_zeros(batch, 2, dtype=torch.float32)
+    dtype = geometry_dtype(images)  # float32 for half-precision images: maps composed in half move pixels
+    eye = torch.eye(2, device=images.device, dtype=dtype)
+    linear, shift = eye.expand(batch, 2, 2), images.new_zeros(batch, 2, dtype=dtype)
     if group is None or group[2].numel() == 0:
         return linear, shift, group[2] if group is not None else shift.new_zeros(0, dtype=torch.long)
     columns, sizes, index, _, magnitude, gate, coefficients = group
     names = [plan.ops[k] for k in columns]
-    op_linear, op_shift = (t.float() for t in renderer.geometry(names, sizes, magnitude, images, coefficients))
-    gate = gate.float().view(-1, 1, 1)
-    size = torch.tensor([width, height], dtype=torch.float32, device=images.device)
+    op_linear, op_shift = (t.to(dtype) for t in renderer.geometry(names, sizes, magnitude, images, coefficients))
+    gate = gate.to(dtype).view(-1, 1, 1)
+    size = torch.tensor([width, height], dtype=dtype, device=images.device)
     op_linear, op_shift = eye + gate * (op_linear - eye), gate.view(-1, 1) * op_shift * size
     shift = shift * size  # composed in pixels: the two axes scale differently
     # Output pixel q of op B samples the ops before it at L_B q + t_B, and those sample x at L_A (.) + t_A.

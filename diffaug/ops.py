@@ -214,7 +214,7 @@ def solarize(x: Tensor, threshold: Tensor) -> Tensor:
 def equalize(x: Tensor) -> Tensor:
     """PIL's ImageOps.equalize per image and channel, batched (kornia's loops over images)."""
     b, c, h, w = x.shape
-    levels = eight_bit_levels(x).long().clamp_(0, 255).view(b * c, h * w)
+    levels = eight_bit_levels(x).long().clamp_(0, 255).reshape(b * c, h * w)  # reshape: x may be a non-contiguous view
     # The histogram and look-up table hold integers; in floating point (exact below 2**24 pixels per channel) their
     # arithmetic is cheaper than in int64, and the table maps straight to values in [0, 1].
     counts = torch.float32 if h * w < 2**24 else torch.float64

@@ -118,8 +118,8 @@ class Policy(nn.Module):
         n_ops = min(4, len(self.ops)) if n_ops is None else n_ops
         if not isinstance(n_ops, int) or not 1 <= n_ops <= len(self.ops):
             raise DiffAugError(f"n_ops must be an int in [1, {len(self.ops)}] (the number of ops); got {n_ops!r}")
-        if not (isinstance(temperature, (int, float)) and temperature > 0):
-            raise DiffAugError(f"temperature must be a positive number; got {temperature!r}")
+        if not _is_number(temperature) or not 0 < temperature < math.inf:  # inf: every relaxed gate 0.5
+            raise DiffAugError(f"temperature must be a positive finite number; got {temperature!r}")
         _check_choice("selection", selection, ("sample", "batch"))
         _check_choice("magnitude_sampling", magnitude_sampling, MAGNITUDE_SAMPLINGS)
         _check_choice("geometry", geometry, GEOMETRIES)
@@ -150,6 +150,8 @@ class Policy(nn.Module):
         self._plan = Plan.of(self.ops, geometry)
         self.renderer = ReferenceRenderer()
         self._set_normalisation(mean, std)
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            raise DiffAugError(f"seed must be an int or None; got {seed!r}")
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
         self._seed, self._worker_seed = seed, None  # see _own_generator
         if compile is not False and compile is not True and compile not in COMPILE_MODES:
@@ -168,7 +170,7 @@ class Policy(nn.Module):
 
     def sample(self, batch_size: int, generator: torch.Generator | None = None) -> PolicySample:
         """Draw which ops each image gets, their gates and signed magnitudes (relaxed if ``self.relaxed``)."""
-        if not isinstance(batch_size, int) or batch_size < 1:
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise DiffAugError(f"batch_size must be a positive int; got {batch_size!r}")
         noise = self._noise(batch_size, generator)
         drawn = self._draw_sample(noise) if self._compiled is None else self._compiled.sample(noise)
@@ -177,6 +179,8 @@ class Policy(nn.Module):
     def _noise(self, batch_size: int, generator: torch.Generator | None) -> Tensor:
         """All the uniform noise of a batch's sample in one draw, always eager: the generator gives the same stream,
         compiled or not."""
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise DiffAugError(f"generator must be a torch.Generator or None; got {type(generator).__name__}")
         generator = generator if generator is not None else self._own_generator()
         width = noise_width(len(self.ops), len(self.magnitude_ops))
         noise = uniform((batch_size, width), generator, self.probability_logits.device)
@@ -250,6 +254,7 @@ class Policy(nn.Module):
         pixels), which colour ops, Equalize, Invert and Cutout leave as they are. Given any of them, the result
         is an ``Augmented`` (images, masks, boxes, keypoints, keep); otherwise the images alone.
         """
+        self._check_normalisation_channels(x)
         if sample is not None:
             if not isinstance(sample, PolicySample):
                 hint = " (pass a generator as generator=)" if isinstance(sample, torch.Generator) else ""
@@ -308,7 +313,7 @@ class Policy(nn.Module):
                     'geometry="composed"; this one has geometry="residual" (Eq. 5), whose images can blend '
                     "differently moved copies that no target could follow"
                 )
-            check_targets(x, masks, boxes, keypoints)
+            check_targets(x, masks, boxes, keypoints, self.ignore_index)  # all of it before any pixel work
         unbatched = x.dim() == 3
         images = x.unsqueeze(0) if unbatched else x
         if isinstance(sample, PolicySample) and (sample.ops != self.ops or len(sample) != images.shape[0]):
@@ -358,8 +363,10 @@ class Policy(nn.Module):
             return
         mean_t = torch.as_tensor(mean, dtype=torch.float32).flatten()
         std_t = torch.as_tensor(std, dtype=torch.float32).flatten()
-        if mean_t.numel() not in (1, 3) or mean_t.shape != std_t.shape or not bool((std_t > 0).all()):
-            raise DiffAugError(f"mean and std must be 1 or 3 numbers each, std > 0; got mean={mean!r}, std={std!r}")
+        finite = bool(torch.isfinite(mean_t).all() and torch.isfinite(std_t).all())
+        if mean_t.numel() not in (1, 3) or mean_t.shape != std_t.shape or not finite or not bool((std_t > 0).all()):
+            raise DiffAugError(f"mean and std must be 1 or 3 finite numbers each, std > 0; got mean={mean!r}, "
+                               f"std={std!r}")
         self.register_buffer("mean", mean_t.view(1, -1, 1, 1))
         self.register_buffer("std", std_t.view(1, -1, 1, 1))
         # A loose bound: the exact check happens after un-normalising.
@@ -367,6 +374,15 @@ class Policy(nn.Module):
         hi = float(((1 - mean_t) / std_t).max()) + 1e-3
         self._input_range = (lo, hi)
         self._input_name = "images normalised with mean/std"
+
+    def _check_normalisation_channels(self, x: object) -> None:
+        """3-value mean/std on 1-channel images would broadcast them to 3 channels: refused. Other bad images
+        (channels-last ones among them) are left to ``check_images``."""
+        if self.mean is None or self.mean.numel() == 1 or not isinstance(x, Tensor) or x.dim() not in (3, 4):
+            return
+        if x.shape[-3] == 1:
+            raise DiffAugError(f"images must have as many channels as mean/std have values ({self.mean.numel()}); "
+                               "got 1-channel images")
 
     def _unnormalise(self, x: Tensor) -> Tensor:
         """[0, 1] images from normalised ones, computed and checked in (at least) float32 and cast back: a half
@@ -610,6 +626,11 @@ class ReferencePolicy(Policy):
             raise DiffAugError("output_dtype=torch.uint8 needs pixels in [0, 1], so it cannot be combined with "
                                f"mean/std; got mean={self.mean.flatten().tolist()}")
         self.output_dtype = output_dtype
+
+
+def _is_number(value: object) -> bool:
+    """A real number, not a bool (True is an int to Python, never a meant number); NaN fails every comparison."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:

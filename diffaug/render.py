@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .encoders import AffineEncoder, MagnitudeNetStack, MetaEncoder
-from .ops import get_op, warp
+from .ops import geometry_dtype, get_op, warp
 
 __all__ = ["EncoderRenderer", "ReferenceRenderer", "Renderer", "StraightThroughRenderer", "render", "matrices"]
 
@@ -55,7 +55,8 @@ def matrices(
     coefficients: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The maps (linear, shift) of an affine group's pairs, from the encoders or (``encoders`` None) exact; ``x``
-    gives the image size and the dtype of the exact maps."""
+    gives the image size, and the exact maps are in ``geometry_dtype(x)``: a magnitude rounded to bf16 (8
+    significant bits) would turn or shear the whole image a little, moving the pixels far from its centre."""
     if coefficients is not None and all(type(encoders[n]) is AffineEncoder for n in names):  # type: ignore[index]
         # The default encoders differ only in their networks of m, already evaluated: one map computation.
         return AffineEncoder.maps(coefficients)
@@ -65,7 +66,7 @@ def matrices(
         if m.numel() == 0:
             continue
         if encoders is None:
-            maps.append(get_op(name).geometry(m.to(x.dtype)))  # type: ignore[misc]
+            maps.append(get_op(name).geometry(m.to(geometry_dtype(x))))  # type: ignore[misc]
         else:
             maps.append(encoders[name].matrices(m, x.shape[-2:], c))
     linear, shift = (torch.cat(t) for t in zip(*maps, strict=True))

@@ -48,9 +48,11 @@ def _describe(x: object) -> str:
 
 
 def check_targets(
-    images: Tensor, masks: Tensor | None, boxes: Sequence[Tensor] | None, keypoints: Sequence[Tensor] | None
+    images: Tensor, masks: Tensor | None, boxes: Sequence[Tensor] | None, keypoints: Sequence[Tensor] | None,
+    ignore_index: int | None = None,
 ) -> None:
-    """Raise ``DiffAugError`` for targets that do not fit ``images`` (B, C, H, W), naming what was expected."""
+    """Raise ``DiffAugError`` for targets that do not fit ``images`` (B, C, H, W), naming what was expected; given
+    ``ignore_index``, also label masks whose dtype cannot hold it (or whose labels would not warp exactly)."""
     if images.dim() != 4:
         raise DiffAugError(f"targets need a batch of images (B, C, H, W); got images of shape {tuple(images.shape)} "
                            "(add the batch dimension with x.unsqueeze(0), and to the targets)")
@@ -66,6 +68,8 @@ def check_targets(
                                "masks.long(); soft masks need the K dimension)")
         if masks.dim() == 4 and not masks.is_floating_point():
             raise DiffAugError(f"{expected}; got {_describe(masks)} (a 4-d mask is K float masks per image)")
+        if masks.dim() == 3 and ignore_index is not None:
+            _check_label_masks(masks, ignore_index)
     for name, points, width in (("boxes", boxes, 4), ("keypoints", keypoints, 2)):
         if points is None:
             continue

@@ -398,9 +398,72 @@ def test_command_refuses(argv: list[str], status: int, match: str, tmp_path: Pat
     assert not (tmp_path / "out.png").exists() and not (tmp_path / "priors").exists()
 
 
+# --- PolicyAugmenter / ReferencePolicy: constructor, sample, generator ---
+# Refused at construction, or by sample() / forward before anything is drawn or rendered.
+
+NAN, INF = float("nan"), float("inf")
+POLICY_ROWS = [
+    pytest.param(lambda: ReferencePolicy(temperature=INF), DiffAugError, r"temperature must be a positive finite number; got inf",
+                 id="policy-temperature-inf"),
+    pytest.param(lambda: ReferencePolicy(temperature=NAN), DiffAugError, r"temperature must be a positive finite number; got nan",
+                 id="policy-temperature-nan"),
+    pytest.param(lambda: ReferencePolicy(temperature=0), DiffAugError, r"positive finite number; got 0$", id="policy-temperature-0"),
+    pytest.param(lambda: ReferencePolicy(temperature=True), DiffAugError, r"positive finite number; got True", id="policy-temperature-bool"),
+    pytest.param(lambda: ReferencePolicy(mean=[NAN] * 3, std=[0.2] * 3), DiffAugError,
+                 r"mean and std must be 1 or 3 finite numbers each, std > 0; got mean=\[nan, nan, nan\]", id="policy-mean-nan"),
+    pytest.param(lambda: ReferencePolicy(mean=[0.5] * 3, std=[INF] * 3), DiffAugError, r"finite numbers .* std=\[inf, inf, inf\]",
+                 id="policy-std-inf"),
+    pytest.param(lambda: ReferencePolicy(mean=[0.5], std=[-0.2]), DiffAugError, r"std > 0; got mean=\[0.5\], std=\[-0.2\]",
+                 id="policy-std-negative"),
+    pytest.param(lambda: ReferencePolicy(mean=[0.5] * 3, std=[0.2] * 3)(_images(2, 1, 8, 8)), DiffAugError,
+                 r"images must have as many channels as mean/std have values \(3\); got 1-channel images", id="policy-mean-3-on-1-channel"),
+    pytest.param(lambda: PolicyAugmenter(priors=None, mean=[0.5] * 3, std=[0.2] * 3)(_images(1, 8, 8)), DiffAugError,
+                 r"as many channels as mean/std have values \(3\); got 1-channel images", id="policy-mean-3-on-1-channel-unbatched"),
+    pytest.param(lambda: ReferencePolicy(seed=1.5), DiffAugError, r"seed must be an int or None; got 1.5", id="policy-seed-float"),
+    pytest.param(lambda: ReferencePolicy(seed=True), DiffAugError, r"seed must be an int or None; got True", id="policy-seed-bool"),
+    pytest.param(lambda: ReferencePolicy(seed="0"), DiffAugError, r"seed must be an int or None; got '0'", id="policy-seed-str"),
+    pytest.param(lambda: ReferencePolicy(n_ops=0), DiffAugError, r"n_ops must be an int in \[1, 14\] .* got 0", id="policy-n-ops-0"),
+    pytest.param(lambda: ReferencePolicy(probability=1.0), DiffAugError, r"probability of \w+ must be a number strictly between 0 and 1; got 1.0",
+                 id="policy-probability-1"),
+    pytest.param(lambda: ReferencePolicy(geometry="affine"), DiffAugError, r"geometry must be one of \['residual', 'composed'\]; got 'affine'",
+                 id="policy-geometry-unknown"),
+    pytest.param(lambda: ReferencePolicy(ignore_index=255.0), DiffAugError, r"ignore_index must be an int .* got 255.0",
+                 id="policy-ignore-index-float"),
+    pytest.param(lambda: PolicyAugmenter(priors=None, forward="exact"), DiffAugError,
+                 r"forward must be one of \['encoder', 'reference'\]; got 'exact'", id="policy-forward-unknown"),
+    pytest.param(lambda: ReferencePolicy(compile="fast"), DiffAugError, r"compile must be True, False or a torch.compile mode .* got 'fast'",
+                 id="policy-compile-unknown"),
+    pytest.param(lambda: ReferencePolicy().sample(True), DiffAugError, r"batch_size must be a positive int; got True", id="policy-sample-bool"),
+    pytest.param(lambda: ReferencePolicy().sample(0), DiffAugError, r"batch_size must be a positive int; got 0", id="policy-sample-0"),
+    pytest.param(lambda: ReferencePolicy().sample(-1), DiffAugError, r"batch_size must be a positive int; got -1", id="policy-sample-negative"),
+    pytest.param(lambda: ReferencePolicy().sample(2.0), DiffAugError, r"batch_size must be a positive int; got 2.0", id="policy-sample-float"),
+    pytest.param(lambda: ReferencePolicy().sample(2, 5), DiffAugError, r"generator must be a torch.Generator or None; got int",
+                 id="policy-sample-generator-int"),
+    pytest.param(lambda: ReferencePolicy()(_images(2, 3, 8, 8), generator=5), DiffAugError,
+                 r"generator must be a torch.Generator or None; got int", id="policy-forward-generator-int"),
+    pytest.param(lambda: ReferencePolicy(compile=True)(_images(2, 3, 8, 8), generator=0), DiffAugError,
+                 r"generator must be a torch.Generator or None; got int", id="policy-compiled-forward-generator-int"),
+    pytest.param(lambda: ReferencePolicy()(_images(2, 3, 8, 8), torch.Generator()), DiffAugError,
+                 r"sample must be a PolicySample from sample\(\) \(pass a generator as generator=\); got Generator",
+                 id="policy-generator-as-sample"),
+    pytest.param(lambda: ReferencePolicy()(_images(2, 3, 8, 8), ReferencePolicy().sample(3)), DiffAugError,
+                 r"sample must come from this augmenter's sample\(2\) .* got a sample of 3 images", id="policy-sample-batch-size"),
+    pytest.param(lambda: ReferencePolicy()(_images(2, 3, 8, 8), ReferencePolicy(["Rotate"]).sample(2)), DiffAugError,
+                 r"got a sample of 2 images over ops \['Rotate'\]", id="policy-sample-other-ops"),
+    pytest.param(lambda: ReferencePolicy()(_images(2, 3, 8, 8), ReferencePolicy().sample(2), generator=torch.Generator()),
+                 DiffAugError, r"pass sample= .* or generator= .* not both", id="policy-sample-and-generator"),
+]
+
+
+@pytest.mark.parametrize("call, error, match", POLICY_ROWS)
+def test_policies_refuse(call: Callable[[], object], error: type[BaseException], match: str) -> None:
+    check_raises(call, error, match)
+
+
 def test_the_matrix_has_a_row_per_case() -> None:
     """The counts the closing note of issue 30 reports; a row removed by mistake shows here."""
     tables = [OPS_ROWS, TARGET_ROWS, LOSS_ROWS, SEGMENTATION_ROWS, PRIORS_ROWS, PRIORS_FOLDER_ROWS, FIT_ROWS, CLI_ROWS]
+    tables += [POLICY_ROWS]
     ids = [row.id for table in tables for row in table]
     assert len(ids) == len(set(ids)) and len(ids) >= 130
 

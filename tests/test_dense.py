@@ -3,6 +3,7 @@ resume, DDP, AMP, errors), the shipped scenes and the benchmark's smoke run."""
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -252,3 +253,30 @@ def test_bench_dense_smoke_run(tmp_path: Path) -> None:
     assert [r["config"] for r in after if "search_lr" in r["config"]] == [
         {"task": "localisation", "arm": "tst", "seed": 0, "epochs": 1, "teacher_epochs": 1, "scenes": [40, 10, 20],
          "search_lr": 0.1, "search_passes": 2}]
+
+
+def test_a_batch_without_a_labelled_pixel_logs_no_nan() -> None:
+    """A batch all ignore_index trains with zero losses; its step records hold no accuracy or teacher confidence
+    (a mean over no pixels would be NaN), and the epoch's and the search block's means are over the steps that
+    have them."""
+    distiller, loader = _segmentation_distiller(ReferencePolicy(geometry="composed"), search_epochs=[])
+    images, masks = (torch.stack(t) for t in zip(*loader.dataset, strict=True))
+    masks[20:] = 255  # the second batch: nothing labelled
+    batches = DataLoader(torch.utils.data.TensorDataset(images, masks), batch_size=20)
+    history = distiller.fit(batches, 1)
+    labelled, empty = history["train"]
+    assert empty["loss"] == 0 and not {"accuracy", "teacher_confidence", "teacher_confidence_clean"} & set(empty)
+    assert 0 <= labelled["accuracy"] <= 1
+    epoch = history["epochs"][-1]
+    assert epoch["teacher_confidence"] == labelled["teacher_confidence"]
+    assert epoch["teacher_confidence_clean"] == labelled["teacher_confidence_clean"]
+    assert epoch["train_loss"] == pytest.approx(labelled["loss"] / 2)
+
+    search, _ = _segmentation_distiller(PolicyAugmenter(geometry="composed"))
+    x, y = images[20:24], masks[20:24]
+    record = search.search_step(x, y)
+    assert record["loss"] == 0 and "teacher_accuracy" not in record and "teacher_confidence" not in record
+    from diffaug.distill.steps import search_summary
+
+    summary = search_summary(None, [record, search.search_step(images[:4], masks[:4])])
+    assert all(math.isfinite(v) for v in summary.values()) and 0 <= summary["teacher_accuracy"] <= 1

@@ -130,23 +130,29 @@ def test_shipped_encoders_in_half_precision_match_float32(arch: str, dtype: torc
         assert mae <= HALF_MAE[dtype], f"{arch} {name}: mean absolute difference {mae:.4f}"
 
 
+@pytest.mark.parametrize("size", [224, 512])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_augmenters_in_half_precision_match_float32_on_the_same_sample(dtype: torch.dtype) -> None:
-    """PolicyAugmenter (both geometries) and ReferencePolicy on 224 px natural photos: the same sample in fp16 or
-    bf16 against float32; bounds and reasons as test_ops.HALF_MAE. High probabilities and magnitudes so that most
-    images draw several ops, affine ones among them."""
+def test_augmenters_in_half_precision_match_float32_on_the_same_sample(dtype: torch.dtype, size: int) -> None:
+    """PolicyAugmenter (both geometries, both forwards) and ReferencePolicy (both geometries) on natural photos:
+    the same sample in fp16 or bf16 against float32; mean bounds and reasons as test_ops.HALF_MAE. High
+    probabilities and magnitudes so that most images draw several ops, affine ones among them."""
     from diffaug import ReferencePolicy
 
     from .test_ops import HALF_MAE, natural_batch
 
-    x = natural_batch(224, 3)
+    x = natural_batch(size, 3)
     settings = {"probability": 0.95, "magnitude": 0.9, "n_ops": 6}
     for augmenter in (PolicyAugmenter(**settings), PolicyAugmenter(geometry="composed", **settings),
-                      ReferencePolicy(**settings)):
+                      PolicyAugmenter(forward="reference", **settings), ReferencePolicy(**settings),
+                      ReferencePolicy(geometry="composed", **settings)):
         augmenter.eval()
         sample = augmenter.sample(len(x), torch.Generator().manual_seed(0))
         with torch.no_grad():
             expected, out = augmenter(x, sample), augmenter(x.to(dtype), sample)
-        assert out.dtype == dtype and torch.isfinite(out).all()
-        mae = (out.float() - expected).abs().mean().item()
-        assert mae <= HALF_MAE[dtype], f"{type(augmenter).__name__} {augmenter.geometry}: {mae:.4f}"
+        what = f"{type(augmenter).__name__} {augmenter.geometry} {augmenter.settings().get('forward', '')}"
+        assert out.dtype == dtype and torch.isfinite(out).all(), what
+        error = (out.float() - expected).abs()
+        assert error.mean().item() <= HALF_MAE[dtype], f"{what}: mean {error.mean().item():.4f}"
+        # Every pixel: a few roundings of a value <= 1 (bf16 eps 2^-7) stay well under 0.05, whereas maps built
+        # from a magnitude rounded to half precision move the pixels near the edges by a visible step (over 0.1).
+        assert error.max().item() <= 0.05, f"{what}: max {error.max().item():.4f}"

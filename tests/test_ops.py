@@ -335,3 +335,21 @@ def test_warp_builds_its_grid_in_float32_for_half_images(dtype: torch.dtype) -> 
     out = warp(x.to(dtype), linear, shift)
     assert out.dtype == dtype
     assert (out.float() - warp(x, linear, shift)).abs().max() <= 2 * torch.finfo(dtype).eps  # one rounding of a value <= 1
+
+
+@pytest.mark.parametrize("layout", ["transposed", "channels_last", "strided-batch"])
+@pytest.mark.parametrize("name", OPS)
+def test_every_op_takes_non_contiguous_images(name: str, layout: str) -> None:
+    """A transposed view, a channels-last tensor or every other image of a batch gives what the same images
+    contiguous give: the same arithmetic, though a kernel may sum in another order for another layout (a few ulps)."""
+    base = natural_batch(32, 3)
+    x = {
+        "transposed": base.permute(0, 1, 3, 2),
+        "channels_last": base.contiguous(memory_format=torch.channels_last),
+        "strided-batch": torch.cat([base, base.flip(0)])[::2],
+    }[layout]
+    assert not x.is_contiguous()
+    m = torch.tensor([-0.7, 1.0, 0.4]) if get_op(name).signed else torch.tensor([0.4, 1.0, 0.7])
+    position = torch.tensor([[0.3, 0.6], [0.8, 0.2], [0.5, 0.5]])
+    expected = apply_op(name, x.contiguous(), m, position=position)
+    torch.testing.assert_close(apply_op(name, x, m, position=position), expected, atol=1e-6, rtol=0)

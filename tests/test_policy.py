@@ -362,11 +362,11 @@ def test_other_float_dtypes(images: torch.Tensor, dtype: torch.dtype) -> None:
         ({"n_ops": 0}, r"got 0"),
         ({"probability": 1.0}, r"probability of Brightness must be a number strictly between 0 and 1; got 1.0"),
         ({"magnitude": {"Equalize": 0.5}}, r"unknown magnitude op name\(s\) \['Equalize'\]"),
-        ({"temperature": 0}, r"temperature must be a positive number; got 0"),
+        ({"temperature": 0}, r"temperature must be a positive finite number; got 0"),
         ({"selection": "image"}, r"selection must be one of \['sample', 'batch'\]; got 'image'"),
         ({"forward": "exact"}, r"forward must be one of \['encoder', 'reference'\]"),
         ({"mean": (0.5, 0.5, 0.5)}, r"mean and std must be given together"),
-        ({"mean": (0.5, 0.5), "std": (0.2, 0.2)}, r"1 or 3 numbers each"),
+        ({"mean": (0.5, 0.5), "std": (0.2, 0.2)}, r"1 or 3 finite numbers each"),
         ({"arch": "big"}, r"arch must be one of \['default', 'paper'\]; got 'big'"),
     ],
 )

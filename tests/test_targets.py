@@ -314,3 +314,21 @@ def test_labels_far_from_ignore_index_come_back_exactly() -> None:
     assert torch.equal(out, torch.where(reference == 255, 255, reference * (2**40 + 1)))
     with pytest.raises(DiffAugError, match=r"within 2\*\*53 of ignore_index \(255\) .*got labels in \[0, 1152921504606846976\]"):
         policy(_shapes(), sample, masks=small * 2**60)
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_an_ignore_index_the_masks_cannot_hold_is_refused_before_any_pixel_work(
+    compile: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """int8 masks cannot be padded with 255: the policy refuses them with the other targets' checks, before it
+    renders anything (the renderer is never reached), eager or compiled."""
+    aug = ReferencePolicy(geometry="composed", probability=0.9, compile=compile)
+
+    def render(*args: object) -> None:
+        raise AssertionError("rendered before the masks were checked")
+
+    monkeypatch.setattr(aug.renderer, "transform", render)
+    monkeypatch.setattr(aug.renderer, "geometry", render)
+    masks = torch.zeros(2, SIZE, SIZE, dtype=torch.int8)
+    with pytest.raises(DiffAugError, match=r"ignore_index must be representable in the masks' dtype int8"):
+        aug(_shapes(), aug.sample(2), masks=masks)

@@ -103,9 +103,9 @@ def search_summary(before: dict[str, dict[str, float]] | None, records: list[dic
     policy (the largest change of any probability, ``max_dp``, and of any magnitude, ``max_dm``)."""
     if not records:
         return {}
-    summary = {k: float(np.mean([r[k] for r in records if k in r])) for k in records[0] if k in _SEARCH_LOGGED}
-    summary |= {k: float(np.mean([r[k] for r in records if k in r])) for k in _GRADIENT_LOGGED
-                if any(k in r for r in records)}
+    # Over the steps that logged each: a segmentation batch without a labelled pixel logs no teacher accuracy.
+    summary = {k: float(np.mean([r[k] for r in records if k in r])) for k in (*_SEARCH_LOGGED, *_GRADIENT_LOGGED)
+               if any(k in r for r in records)}
     if before is not None:
         after = records[-1]["policy"]
         for key, name in (("probability", "max_dp"), ("magnitude", "max_dm")):
@@ -189,8 +189,11 @@ class Distillation:
     @torch.no_grad()
     def _teacher_on(self, teacher_out: Any, targets: Any) -> dict[str, float]:
         """The teacher's accuracy and mean probability of the true class on x_hat: how well the searched views
-        stay within what the teacher handles (the first term of Eq. 2)."""
+        stay within what the teacher handles (the first term of Eq. 2). Empty for a batch without a labelled pixel
+        (a mean over no rows would be NaN)."""
         logits, labels, _ = self.task.class_scores(teacher_out, targets)
+        if labels.numel() == 0:
+            return {}
         probabilities = logits.float().softmax(1)
         return {"teacher_accuracy": (probabilities.argmax(1) == labels).float().mean().item(),
                 "teacher_confidence": probabilities.gather(1, labels[:, None]).mean().item()}
@@ -200,7 +203,9 @@ class Distillation:
 
         Besides the loss and the student's accuracy, it records the teacher's mean probability of the true class
         on x_hat and on x (``teacher_confidence``, ``teacher_confidence_clean``): the paper's Fig. 3, its
-        diagnosis of a teacher too sure of itself to pass on much beyond the label (Table 8).
+        diagnosis of a teacher too sure of itself to pass on much beyond the label (Table 8). Each is a mean over
+        the labelled pixels (segmentation), and left out of the record where there are none: a mean over no rows
+        would be NaN, and the epoch's means are over the steps that have it.
         """
         x, y = self.prepare.standard(x, y)
         self.augmenter.eval()
@@ -220,15 +225,18 @@ class Distillation:
         parallel.average_gradients(self.task.parameters())  # DDP averages the student's; the task's are ours
         self.scaler.step(self.optimiser)
         self.scaler.update()
+        record = {"loss": loss.item()}
         with torch.no_grad():
             logits, labels, _ = self.task.class_scores(student_out, targets)
-            accuracy = (logits.argmax(1) == labels).float().mean()
+            if labels.numel():
+                record["accuracy"] = (logits.argmax(1) == labels).float().mean().item()
             t_logits, t_labels, t_image = self.task.class_scores(teacher_out, targets)
             confidence = t_logits.float().softmax(1).gather(1, t_labels[:, None]).squeeze(1)
             augmented = t_image < len(x)  # the first half of the batch is x_hat
-            halves = [confidence[augmented].mean(), confidence[~augmented].mean()]
-        return {"loss": loss.item(), "accuracy": accuracy.item(), "teacher_confidence": halves[0].item(),
-                "teacher_confidence_clean": halves[1].item()}
+            for key, half in (("teacher_confidence", augmented), ("teacher_confidence_clean", ~augmented)):
+                if bool(half.any()):
+                    record[key] = confidence[half].mean().item()
+        return record
 
     @torch.no_grad()
     def evaluate(self, loader: Iterable) -> float:
@@ -247,9 +255,13 @@ class Distillation:
         return self.task.metric(parallel.sum_(statistics))
 
     def epoch_summary(self, records: list[dict[str, Any]]) -> dict[str, float]:
-        return {name: float(np.mean([r[key] for r in records])) if records else float("nan")
-                for name, key in (("train_loss", "loss"), ("teacher_confidence", "teacher_confidence"),
-                                  ("teacher_confidence_clean", "teacher_confidence_clean"))}
+        """Means over the steps that recorded each quantity (NaN if none did: nothing to average)."""
+        summary = {}
+        for name, key in (("train_loss", "loss"), ("teacher_confidence", "teacher_confidence"),
+                          ("teacher_confidence_clean", "teacher_confidence_clean")):
+            values = [r[key] for r in records if key in r]
+            summary[name] = float(np.mean(values)) if values else float("nan")
+        return summary
 
     def state_dict(self) -> dict[str, Any]:
         return {
