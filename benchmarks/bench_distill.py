@@ -280,7 +280,9 @@ def policy_movement(policies: list[dict[str, dict[str, float]]]) -> dict[str, An
     mean_shift = {op: statistics.mean(max(shift(p, "probability")[op], shift(p, "magnitude").get(op, 0)) for p in policies)
                   for op in policies[0]}
     ranked = sorted(mean_shift, key=mean_shift.get, reverse=True)[:3]  # type: ignore[arg-type]
-    final = {op: {k: round(statistics.mean(p[op][k] for p in policies), 2) for k in policies[0][op]} for op in ranked}
+    # The two learned numbers only: a policy() also states their meaning (distributions, sentences), not averageable.
+    final = {op: {k: round(statistics.mean(p[op][k] for p in policies), 2) for k in ("probability", "magnitude")
+                  if k in policies[0][op]} for op in ranked}
     return {**moved, "ops": final}
 
 

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from .errors import DiffAugError, check_images
 from .ops import CUTOUT_FRACTION, get_op
 from .policy import PolicyAugmenter, ReferencePolicy
+from .sampling import op_meaning
 
 __all__ = ["KorniaPolicy", "describe", "op_meaning", "to_albumentations", "to_kornia", "to_timm"]
 
@@ -76,43 +77,11 @@ def describe(policy: PolicyAugmenter | ReferencePolicy | Mapping[str, Any]) -> d
     k, n_ops, sampling = len(reference.ops), reference.n_ops, reference.magnitude_sampling
     ops = {}
     for name, values in reference.policy().items():
-        meaning = op_meaning(values["probability"], values.get("magnitude"), sampling)
+        meaning = values  # policy() states each op through sampling.op_meaning
         ops[name] = {**meaning, "signed": get_op(name).signed, "rate": n_ops / k * meaning["effective_probability"],
                      "summary": f"when drawn ({n_ops} of {k} ops), {meaning['summary']}"}
     return {"magnitude_sampling": sampling, "n_ops": n_ops, "selection": reference.selection,
             "draw_probability": n_ops / k, "ops": ops}
-
-
-def op_meaning(probability: float, magnitude: float | None, sampling: str) -> dict[str, Any]:
-    """One drawn op's apply probability p and magnitude m (None: an op without one) under ``sampling``, as
-    ``describe`` states them: the strength distribution, the effective probability and strength, and a sentence.
-    Plain numbers in and out, so that ``policy()`` and the plots can say the same.
-
-    Example:
-        >>> op_meaning(0.5, 0.3, "uniform")["summary"]
-        'applied with probability p = 0.5 at a strength uniform on [0, m = 0.3]'
-    """
-    p, m = probability, magnitude
-    applied = f"applied with probability p = {p:.3g}"
-    if m is None:
-        return {"probability": p, "strength": {"kind": "fixed", "value": 1.0}, "effective_probability": p,
-                "effective_strength": {"kind": "fixed", "value": 1.0}, "summary": f"{applied} (no magnitude)"}
-    if sampling == "relaxed":
-        strength: dict[str, float | str] = {"kind": "full_or_none", "full_probability": m}
-        effective, q = {"kind": "fixed", "value": 1.0}, p * m
-        summary = (f"{applied} at full strength with probability m = {m:.3g}, else not at all: at full strength "
-                   f"with probability p * m = {q:.3g}")
-    elif sampling == "mean":
-        strength, effective, q = {"kind": "fixed", "value": m}, {"kind": "fixed", "value": m}, p
-        summary = f"{applied} at strength m = {m:.3g}"
-    elif sampling == "uniform":
-        strength, q = {"kind": "uniform", "low": 0.0, "high": m}, p
-        effective = dict(strength)
-        summary = f"{applied} at a strength uniform on [0, m = {m:.3g}]"
-    else:
-        raise DiffAugError(f"sampling must be one of ['relaxed', 'mean', 'uniform']; got {sampling!r}")
-    return {"probability": p, "magnitude": m, "strength": strength, "effective_probability": q,
-            "effective_strength": effective, "summary": summary}
 
 
 # ----------------------------------------------------------------------------------------------------------------

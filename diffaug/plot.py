@@ -110,22 +110,41 @@ def plot_teacher_confidence(
     return fig, ax
 
 
-def plot_policy(policy: Policy | Mapping[str, Mapping[str, float]], ax: Axes | None = None) -> tuple[Figure, Axes]:
-    """Probability and magnitude of every op at a glance (bars), from an augmenter or its ``policy()``."""
+# What a magnitude m means under each sampler (``policy()``'s strength kinds), for the plots' labels.
+_MAGNITUDE_MEANING = {
+    "full_or_none": "magnitude m: P(full strength) when applied (relaxed)",
+    "fixed": "magnitude m: the strength (mean)",
+    "uniform": "magnitude m: strength uniform on [0, m] (uniform)",
+}
+
+
+def plot_policy(policy: Policy | Mapping[str, Mapping[str, Any]], ax: Axes | None = None) -> tuple[Figure, Axes]:
+    """Probability and magnitude of every op at a glance (bars), from an augmenter or its ``policy()``. The
+    magnitude's label says what it means under the augmenter's sampler; under "relaxed" a third bar shows the
+    probability p * m of a full-strength application (an applied op is otherwise at strength 0, the identity)."""
     values = policy.policy() if isinstance(policy, Policy) else policy
     names = list(values)
+    kinds = {values[n]["strength"]["kind"] for n in names if "magnitude" in values[n] and "strength" in values[n]}
+    # A dict of the two numbers alone (a Distiller history's) does not say its sampler.
+    kind = kinds.pop() if len(kinds) == 1 else None
+    relaxed = kind == "full_or_none"
     if ax is None:
         fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(names)), 3.5), layout="constrained")
     else:
         fig = ax.figure
     positions = range(len(names))
-    width = 0.4
-    ax.bar([p - width / 2 for p in positions], [values[n]["probability"] for n in names], width, label="probability")
-    ax.bar([p + width / 2 for p in positions], [values[n].get("magnitude", float("nan")) for n in names], width,
-           label="magnitude")
+    width = 0.27 if relaxed else 0.4
+    offsets = (-width, 0.0, width) if relaxed else (-width / 2, width / 2)
+    ax.bar([p + offsets[0] for p in positions], [values[n]["probability"] for n in names], width,
+           label="probability p")
+    ax.bar([p + offsets[1] for p in positions], [values[n].get("magnitude", float("nan")) for n in names], width,
+           label=_MAGNITUDE_MEANING.get(kind, "magnitude m"))
+    if relaxed:
+        ax.bar([p + offsets[2] for p in positions], [values[n]["effective_probability"] for n in names], width,
+               label="p * m: applied at full strength")
     ax.set_xticks(list(positions), names, rotation=45, ha="right")
     ax.set(ylim=(0, 1), title="policy")
-    ax.legend()
+    ax.legend(fontsize="small")
     return fig, ax
 
 

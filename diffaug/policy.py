@@ -29,8 +29,8 @@ from .encoders import MetaEncoder
 from .errors import DiffAugError, check_images, check_names
 from .ops import get_op, op_names
 from .render import EncoderRenderer, ReferenceRenderer, Renderer, StraightThroughRenderer
-from .sampling import (MAGNITUDE_SAMPLINGS, MagnitudeSampling, PolicySample, draw, noise_width, relaxed_bernoulli,
-                       uniform)
+from .sampling import (MAGNITUDE_SAMPLINGS, MagnitudeSampling, PolicySample, draw, noise_width, op_meaning,
+                       relaxed_bernoulli, uniform)
 from .targets import Augmented, check_targets, move_targets
 
 __all__ = ["GEOMETRIES", "MAGNITUDE_SAMPLINGS", "Policy", "PolicyAugmenter", "PolicySample", "ReferencePolicy",
@@ -41,6 +41,7 @@ Geometry = Literal["residual", "composed"]
 _EXPORT_FORMAT = 1
 # The settings every format-1 dict holds; those added since (geometry, ignore_index) take their defaults if absent.
 _FORMAT_1_SETTINGS = ("ops", "n_ops", "temperature", "selection", "magnitude_sampling", "mean", "std")
+_LOGITS = ("probability_logits", "magnitude_logits")
 
 
 def _logit(value: float, what: str) -> float:
@@ -57,6 +58,23 @@ def _initial_logits(value: float | Mapping[str, float], names: Sequence[str], wh
         values = [value] * len(names)
     logits = [_logit(v, f"{what} of {n}") for v, n in zip(values, names, strict=True)]
     return torch.tensor(logits, dtype=torch.float32)
+
+
+def _logits_from(value: object, name: str, ops: Sequence[str]) -> Tensor:
+    """A policy dict's ``name``: a flat list of one finite number per op of ``ops``. A NaN logit would give the
+    probability NaN and an infinite one exactly 0 or 1, which the constructor refuses."""
+    expected = f"policy dict {name} must be a flat list of {len(ops)} finite numbers, one per op of {list(ops)}"
+    try:
+        tensor = torch.tensor(value, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        raise DiffAugError(f"{expected}; got {value!r:.200}") from None
+    if tensor.dim() != 1 or tensor.numel() != len(ops):
+        raise DiffAugError(f"{expected}; got {'a nested list of' if tensor.dim() > 1 else 'a list of'} shape "
+                           f"{tuple(tensor.shape)}")
+    bad = [(op, v) for op, v in zip(ops, tensor.tolist(), strict=True) if not math.isfinite(v)]
+    if bad:
+        raise DiffAugError(f"{expected}; got {', '.join(f'{v} for {op}' for op, v in bad)}")
+    return tensor
 
 
 _PolicyT = TypeVar("_PolicyT", bound="Policy")
@@ -135,6 +153,7 @@ class Policy(nn.Module):
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
             raise DiffAugError(f"seed must be an int or None; got {seed!r}")
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        self._seed, self._worker_seed = seed, None  # see _own_generator
         if compile is not False and compile is not True and compile not in COMPILE_MODES:
             raise DiffAugError(f"compile must be True, False or a torch.compile mode {list(COMPILE_MODES)}; got {compile!r}")
         self.compile_mode = None if compile is False else ("default" if compile is True else compile)
@@ -162,12 +181,48 @@ class Policy(nn.Module):
         compiled or not."""
         if generator is not None and not isinstance(generator, torch.Generator):
             raise DiffAugError(f"generator must be a torch.Generator or None; got {type(generator).__name__}")
-        generator = generator if generator is not None else self.generator
+        generator = generator if generator is not None else self._own_generator()
         width = noise_width(len(self.ops), len(self.magnitude_ops))
         noise = uniform((batch_size, width), generator, self.probability_logits.device)
         if self.compile_mode is not None and batch_size > 1:
             mark_dynamic(noise)  # one graph for every batch size
         return noise
+
+    def _own_generator(self) -> torch.Generator | None:
+        """The seeded policy's generator, given its own stream in each DataLoader worker.
+
+        A forked worker holds a copy of the generator in the parent's state (and a spawned one its pickled state),
+        so every worker would repeat the others' draws. On its first use in a worker, the generator is reseeded
+        from the worker's seed (``get_worker_info().seed``: the DataLoader's base seed, drawn from torch's default
+        generator or the DataLoader's ``generator=``, plus the worker id) mixed with the policy's seed: workers draw
+        differently, and a rerun with the same ``torch.manual_seed`` draws the same. In the main process the stream
+        is the seed's own."""
+        if self.generator is None:
+            return None
+        info = torch.utils.data.get_worker_info()
+        if info is not None and info.seed != self._worker_seed:
+            self._worker_seed = info.seed
+            self.generator.manual_seed((info.seed * 0x9E3779B97F4A7C15 + self._seed) % 2**64)
+        return self.generator
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A torch.Generator does not survive pickling (a spawned DataLoader worker cannot unpickle it): carry its
+        # state instead, so that a pickled or deep-copied policy continues the same stream.
+        state = self.__dict__.copy()
+        generator = state.get("generator")
+        if generator is not None:
+            state["generator"] = None
+            # As plain bytes: a tensor would travel to a spawned worker through shared memory, which failed there.
+            state["_generator_state"] = (str(generator.device), generator.get_state().numpy().tobytes())
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        saved = state.pop("_generator_state", None)
+        super().__setstate__(state)
+        if saved is not None:
+            device, rng = saved
+            self.generator = torch.Generator(device=device)
+            self.generator.set_state(torch.frombuffer(bytearray(rng), dtype=torch.uint8))
 
     def _draw_sample(self, noise: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``sample``'s arithmetic on a batch's uniform noise (``sampling.draw`` on this policy's logits)."""
@@ -207,13 +262,37 @@ class Policy(nn.Module):
             if generator is not None:
                 raise DiffAugError("pass sample= (to replay a draw) or generator= (for a fresh one), not both; got "
                                    "both")
-        check_images(x, self._input_name, self._input_range)
-        if sample is not None:
-            return self._augment(x, sample, masks, boxes, keypoints)
-        batch_size = 1 if x.dim() == 3 else x.shape[0]
-        if self.compile_mode is not None:  # the noise alone: the compiled layout draws it as it wants it
-            return self._augment(x, self._noise(batch_size, generator), masks, boxes, keypoints)
-        return self._augment(x, self.sample(batch_size, generator), masks, boxes, keypoints)
+        x, scaled = self._check_input(x)
+        if sample is None:
+            batch_size = 1 if x.dim() == 3 else x.shape[0]
+            # The noise alone when compiled: the compiled layout draws it as it wants it.
+            sample = self._noise(batch_size, generator) if self.compile_mode is not None else self.sample(batch_size,
+                                                                                                           generator)
+        return self._augment(x, sample, masks, boxes, keypoints, scaled=scaled)
+
+    def _check_input(self, x: object) -> tuple[Tensor, bool]:
+        """The images as the pipeline takes them, and whether they are already in [0, 1] (not normalised).
+
+        uint8 images (as decoders give them) become float32 ``x / 255`` on the policy's device: pixels in [0, 1],
+        never taken as normalised, so with mean/std the output is what ``Normalize`` then this policy would give.
+        Normalised half-precision images are checked against a range widened by their dtype's rounding (bf16 holds
+        ImageNet's -2.1179 as -2.125), the exact check following in float32 after un-normalising."""
+        if isinstance(x, Tensor) and x.dtype == torch.uint8:
+            if x.dim() not in (3, 4) or x.shape[-3] not in (1, 3) or x.numel() == 0:
+                raise DiffAugError(f"uint8 images must have shape (B, C, H, W) or (C, H, W), C in {{1, 3}}, not empty; "
+                                   f"got uint8 of shape {tuple(x.shape)}")
+            return x.to(self.probability_logits.device, torch.float32) / 255, True
+        if isinstance(x, Tensor) and not x.is_floating_point():
+            raise DiffAugError(f"images must be float (in [0, 1], or normalised with mean/std) or uint8 (in [0, 255]) "
+                               f"tensors; got {str(x.dtype).removeprefix('torch.')} of shape {tuple(x.shape)} "
+                               "(convert with x.float() / x.max() of its type, or x.to(torch.uint8) if in [0, 255])")
+        lo, hi = self._input_range
+        if self.mean is not None and isinstance(x, Tensor):
+            slack = torch.finfo(x.dtype).eps * max(abs(lo), abs(hi))
+            lo, hi = lo - slack, hi + slack
+        check_images(x, self._input_name, (lo, hi))
+        assert isinstance(x, Tensor)
+        return x, self.mean is None
 
     def _augment(
         self,
@@ -222,7 +301,10 @@ class Policy(nn.Module):
         masks: Tensor | None = None,
         boxes: Sequence[Tensor] | None = None,
         keypoints: Sequence[Tensor] | None = None,
+        *,
+        scaled: bool = False,
     ) -> Tensor | Augmented:
+        """``forward``'s work on checked images; ``scaled``: they are in [0, 1] already (not normalised)."""
         with_targets = masks is not None or boxes is not None or keypoints is not None
         if with_targets:
             if self.geometry != "composed":
@@ -239,7 +321,7 @@ class Policy(nn.Module):
                 f"sample must come from this augmenter's sample({images.shape[0]}) (ops {list(self.ops)}); "
                 f"got a sample of {len(sample)} images over ops {list(sample.ops)}"
             )
-        images = self._unnormalise(images)
+        images = images if scaled else self._unnormalise(images)
         sample = sample.to(images.device)
         layout = choose_layout(self, images)
         if layout == "eager":
@@ -253,7 +335,7 @@ class Policy(nn.Module):
             assert self._compiled is not None  # choose_layout is eager without compile
             out, linear, shift, moved, grid = self._compiled.pixels(layout, images, sample, self._has_magnitude,
                                                                     self.renderer)
-        out = self._normalise(out)
+        out = self._output(self._normalise(out))
         out = out.squeeze(0) if unbatched else out
         if not with_targets:
             return out
@@ -303,28 +385,53 @@ class Policy(nn.Module):
                                "got 1-channel images")
 
     def _unnormalise(self, x: Tensor) -> Tensor:
+        """[0, 1] images from normalised ones, computed and checked in (at least) float32 and cast back: a half
+        input's rounding, scaled by std, is far above the few ulps the check allows in float32."""
         if self.mean is None:
             return x
-        images = x * self.std.to(x) + self.mean.to(x)
-        # Normalising and back costs a few ulps; anything further out was not normalised with these numbers.
-        check_images(images, name="images after un-normalising with mean/std", value_range=(-1e-4, 1 + 1e-4))
-        return images.clamp(0.0, 1.0)
+        wide = torch.promote_types(x.dtype, torch.float32)
+        images = x.to(wide) * self.std.to(x.device, wide) + self.mean.to(x.device, wide)
+        # Normalising and back costs a few ulps of the input's dtype; anything further out was not normalised with
+        # these numbers.
+        lo, hi = self._input_range
+        slack = 1e-4 + torch.finfo(x.dtype).eps * max(abs(lo), abs(hi)) * float(self.std.max())
+        check_images(images, name="images after un-normalising with mean/std", value_range=(-slack, 1 + slack))
+        return images.clamp(0.0, 1.0).to(x.dtype)
 
     def _normalise(self, x: Tensor) -> Tensor:
-        return x if self.mean is None else (x - self.mean.to(x)) / self.std.to(x)
+        if self.mean is None:
+            return x
+        wide = torch.promote_types(x.dtype, torch.float32)
+        return ((x.to(wide) - self.mean.to(x.device, wide)) / self.std.to(x.device, wide)).to(x.dtype)
+
+    def _output(self, x: Tensor) -> Tensor:
+        """The output in the policy's output dtype: the pipeline's float, or (``ReferencePolicy``'s
+        ``output_dtype=torch.uint8``) uint8, rounded."""
+        if getattr(self, "output_dtype", None) != torch.uint8:
+            return x
+        return (x.detach() * 255).round_().clamp_(0, 255).to(torch.uint8)
 
     # ----------------------------------------------------------------------------------------------------------
     # Inspection
 
-    def policy(self) -> dict[str, dict[str, float]]:
-        """Current apply probability of every op and magnitude of every magnitude op, by op name."""
+    def policy(self) -> dict[str, dict[str, Any]]:
+        """What the policy does, by op name: its apply ``probability`` p and (magnitude ops) its ``magnitude`` m, the
+        two learned numbers, and what they mean under ``magnitude_sampling`` (``sampling.op_meaning``): the
+        ``strength`` distribution of an applied op ("relaxed": ``full_or_none``, full strength with probability m,
+        else none, the identity; "mean": ``fixed`` at m; "uniform": ``uniform`` on [0, m]), the
+        ``effective_probability`` of an application at ``effective_strength`` (p * m at full strength under
+        "relaxed"; p otherwise) and a ``summary`` sentence. Under "relaxed", m = 0.3 does not mean strength 0.3.
+
+        Example:
+            >>> op = ReferencePolicy(["Solarize"], probability=0.5, magnitude=0.3).policy()["Solarize"]
+            >>> round(op["magnitude"], 6), op["strength"]["kind"], round(op["effective_probability"], 6)
+            (0.3, 'full_or_none', 0.15)
+        """
         probabilities = torch.sigmoid(self.probability_logits.detach()).tolist()
         magnitude_values = torch.sigmoid(self.magnitude_logits.detach()).tolist()
         magnitudes = dict(zip(self.magnitude_ops, magnitude_values, strict=True))
-        result: dict[str, dict[str, float]] = {}
-        for name, p in zip(self.ops, probabilities, strict=True):
-            result[name] = {"probability": p} | ({"magnitude": magnitudes[name]} if name in magnitudes else {})
-        return result
+        return {name: op_meaning(p, magnitudes.get(name), self.magnitude_sampling)
+                for name, p in zip(self.ops, probabilities, strict=True)}
 
     def settings(self) -> dict[str, Any]:
         """The constructor arguments that shape sampling, as plain JSON values."""
@@ -341,7 +448,10 @@ class Policy(nn.Module):
         }
 
     def to_dict(self) -> dict[str, Any]:
-        """The policy as plain JSON: op names, probabilities, magnitudes, settings, and the exact logits.
+        """The policy as plain JSON: op names, probabilities, magnitudes, settings, the exact logits, and
+        ``meaning``: per op, what it does under ``magnitude_sampling`` (``policy()`` less the two numbers, which are
+        under ``probability`` and ``magnitude``). ``from_dict`` reads the logits and settings only, so dicts written
+        before ``meaning`` existed load the same.
 
         Example:
             >>> import json
@@ -355,6 +465,7 @@ class Policy(nn.Module):
             **self.settings(),
             "probability": {n: v["probability"] for n, v in policy.items()},
             "magnitude": {n: v["magnitude"] for n, v in policy.items() if "magnitude" in v},
+            "meaning": {n: {k: v[k] for k in v if k not in ("probability", "magnitude")} for n, v in policy.items()},
             # float32 -> Python float -> JSON and back is exact, so samples replay bit for bit.
             "probability_logits": self.probability_logits.detach().cpu().tolist(),
             "magnitude_logits": self.magnitude_logits.detach().cpu().tolist(),
@@ -366,17 +477,16 @@ class Policy(nn.Module):
         if not isinstance(data, Mapping) or data.get("format") != _EXPORT_FORMAT:
             got = data.get("format") if isinstance(data, Mapping) else type(data).__name__
             raise DiffAugError(f"policy dict must come from to_dict() (format {_EXPORT_FORMAT}); got format {got!r}")
-        missing = [k for k in _FORMAT_1_SETTINGS if k not in data]
+        missing = [k for k in (*_FORMAT_1_SETTINGS, *_LOGITS) if k not in data]
         if missing:
-            raise DiffAugError(f"policy dict must hold the settings {list(_FORMAT_1_SETTINGS)}; missing {missing}")
+            raise DiffAugError(f"policy dict must hold the keys {[*_FORMAT_1_SETTINGS, *_LOGITS]}; missing {missing}")
         policy = cls(**{k: data[k] for k in cls._setting_names if k in data}, **kwargs)
+        values = {name: _logits_from(data[name], name, ops) for name, ops in
+                  (("probability_logits", policy.ops), ("magnitude_logits", policy.magnitude_ops))}
         with torch.no_grad():
-            for name in ("probability_logits", "magnitude_logits"):
+            for name, value in values.items():
                 target = getattr(policy, name)
-                value = torch.tensor(data[name], dtype=target.dtype)
-                if value.shape != target.shape:
-                    raise DiffAugError(f"policy dict {name} must have {target.numel()} values; got {value.numel()}")
-                target.copy_(value)
+                target.copy_(value.to(target.dtype))
         return policy
 
     def extra_repr(self) -> str:
@@ -427,8 +537,12 @@ class PolicyAugmenter(Policy):
     in ``eval()`` mode they are hard samples of the same distribution.
 
     Shape:
-        input: (B, C, H, W) or (C, H, W) float, C in {1, 3}, values in [0, 1] (or normalised with mean/std).
-        output: same as input.
+        input: (B, C, H, W) or (C, H, W), C in {1, 3}: float with values in [0, 1] (or normalised with mean/std),
+            or uint8 in [0, 255], which becomes float32 ``x / 255`` on the augmenter's device (pixels, never taken
+            as normalised: with mean/std the output is normalised, as ``Normalize`` then the augmenter would give).
+            Other integer dtypes are refused. Normalised fp16/bf16 images are un-normalised and re-normalised in
+            float32, then cast back.
+        output: same shape and dtype as a float input; float32 for a uint8 input.
 
     Example:
         >>> aug = PolicyAugmenter(seed=0)
@@ -488,13 +602,30 @@ class ReferencePolicy(Policy):
     those of ``PolicyAugmenter`` without ``forward``, ``priors`` and ``arch``. Gates and magnitudes are always hard
     samples, and the probabilities and magnitudes are buffers, not parameters.
 
+    ``output_dtype=torch.uint8`` returns uint8 images (the float result * 255, rounded), for DataLoader workers that
+    feed a uint8 pipeline; it cannot be combined with ``mean``/``std`` (normalised values are not pixels). Images in
+    are float or uint8 either way (see ``PolicyAugmenter``).
+
     Example:
         >>> ref = PolicyAugmenter(probability={"Rotate": 0.9}).to_reference()
         >>> ref(torch.rand(4, 3, 32, 32)).shape
         torch.Size([4, 3, 32, 32])
+        >>> ReferencePolicy(output_dtype=torch.uint8)(torch.zeros(3, 8, 8, dtype=torch.uint8)).dtype
+        torch.uint8
     """
 
     learnable = False
+
+    def __init__(self, ops: Sequence[str] | None = None, *, output_dtype: torch.dtype | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(ops, **kwargs)
+        if output_dtype not in (None, torch.uint8):
+            raise DiffAugError(f"output_dtype must be None (the images' float dtype) or torch.uint8; got "
+                               f"{output_dtype!r}")
+        if output_dtype == torch.uint8 and self.mean is not None:
+            raise DiffAugError("output_dtype=torch.uint8 needs pixels in [0, 1], so it cannot be combined with "
+                               f"mean/std; got mean={self.mean.flatten().tolist()}")
+        self.output_dtype = output_dtype
 
 
 def _is_number(value: object) -> bool:

@@ -10,16 +10,52 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-__all__ = ["MAGNITUDE_SAMPLINGS", "MagnitudeSampling", "PolicySample", "draw", "noise_width", "relaxed_bernoulli",
-           "uniform"]
+from .errors import DiffAugError
+
+__all__ = ["MAGNITUDE_SAMPLINGS", "MagnitudeSampling", "PolicySample", "draw", "noise_width", "op_meaning",
+           "relaxed_bernoulli", "uniform"]
 
 MagnitudeSampling = Literal["relaxed", "mean", "uniform"]
 MAGNITUDE_SAMPLINGS: tuple[str, ...] = ("relaxed", "mean", "uniform")
+
+
+def op_meaning(probability: float, magnitude: float | None, sampling: str) -> dict[str, Any]:
+    """What one drawn op with apply probability p and magnitude m (None: an op without one) does under the
+    magnitude sampler ``sampling``: the distribution of its strength when applied, the effective probability and
+    strength with the identity taken out (under "relaxed", strength 0 is the identity, so the op is applied at full
+    strength with probability p * m), and a sentence. Plain numbers in and out: ``Policy.policy()``, ``to_dict()``,
+    the plots and ``diffaug.export.describe`` all state a policy through this one function.
+
+    Example:
+        >>> op_meaning(0.5, 0.3, "uniform")["summary"]
+        'applied with probability p = 0.5 at a strength uniform on [0, m = 0.3]'
+    """
+    p, m = probability, magnitude
+    applied = f"applied with probability p = {p:.3g}"
+    if m is None:
+        return {"probability": p, "strength": {"kind": "fixed", "value": 1.0}, "effective_probability": p,
+                "effective_strength": {"kind": "fixed", "value": 1.0}, "summary": f"{applied} (no magnitude)"}
+    if sampling == "relaxed":
+        strength: dict[str, float | str] = {"kind": "full_or_none", "full_probability": m}
+        effective, q = {"kind": "fixed", "value": 1.0}, p * m
+        summary = (f"{applied} at full strength with probability m = {m:.3g}, else not at all: at full strength "
+                   f"with probability p * m = {q:.3g}")
+    elif sampling == "mean":
+        strength, effective, q = {"kind": "fixed", "value": m}, {"kind": "fixed", "value": m}, p
+        summary = f"{applied} at strength m = {m:.3g}"
+    elif sampling == "uniform":
+        strength, q = {"kind": "uniform", "low": 0.0, "high": m}, p
+        effective = dict(strength)
+        summary = f"{applied} at a strength uniform on [0, m = {m:.3g}]"
+    else:
+        raise DiffAugError(f"sampling must be one of {list(MAGNITUDE_SAMPLINGS)}; got {sampling!r}")
+    return {"probability": p, "magnitude": m, "strength": strength, "effective_probability": q,
+            "effective_strength": effective, "summary": summary}
 
 
 def relaxed_bernoulli(logits: Tensor, temperature: float, generator: torch.Generator | None = None) -> Tensor:

@@ -466,3 +466,61 @@ def test_the_matrix_has_a_row_per_case() -> None:
     tables += [POLICY_ROWS]
     ids = [row.id for table in tables for row in table]
     assert len(ids) == len(set(ids)) and len(ids) >= 130
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The policies' input boundary (uint8 / half precision), ReferencePolicy's output_dtype and from_dict.
+
+def _policy_dict(**changes: object) -> dict:
+    data = ReferencePolicy(["Rotate", "Invert"], n_ops=1).to_dict()
+    for key, value in changes.items():
+        if value is None:
+            del data[key]
+        else:
+            data[key] = value
+    return data
+
+
+POLICY_BOUNDARY_ROWS = [
+    pytest.param(lambda: ReferencePolicy()(torch.zeros(2, 3, 8, 8, dtype=torch.int16)),
+                 r"images must be float \(in \[0, 1\], or normalised with mean/std\) or uint8 \(in \[0, 255\]\) tensors; "
+                 r"got int16 of shape \(2, 3, 8, 8\)", id="int16-images"),
+    pytest.param(lambda: PolicyAugmenter(priors=None)(torch.zeros(3, 8, 8, dtype=torch.int64)),
+                 r"or uint8 .*; got int64 of shape \(3, 8, 8\)", id="int64-images-augmenter"),
+    pytest.param(lambda: ReferencePolicy()(torch.zeros(2, 3, 8, 8, dtype=torch.bool)), r"or uint8 .*; got bool", id="bool-images"),
+    pytest.param(lambda: ReferencePolicy()(torch.zeros(2, 4, 8, 8, dtype=torch.uint8)),
+                 r"uint8 images must have shape \(B, C, H, W\) or \(C, H, W\), C in \{1, 3\}, not empty; got uint8 of shape \(2, 4, 8, 8\)", id="uint8-4-channels"),
+    pytest.param(lambda: ReferencePolicy()(torch.zeros(0, 3, 8, 8, dtype=torch.uint8)), r"not empty; got uint8 of shape \(0, 3, 8, 8\)",
+                 id="uint8-empty"),
+    pytest.param(lambda: ReferencePolicy()(torch.zeros(8, 8, dtype=torch.uint8)), r"uint8 images must have shape .*; got uint8 of shape \(8, 8\)",
+                 id="uint8-2d"),
+    pytest.param(lambda: ReferencePolicy(mean=[0.5] * 3, std=[0.25] * 3)(torch.full((1, 3, 8, 8), 2.2, dtype=torch.bfloat16)),
+                 r"images normalised with mean/std must be .* got values in", id="bf16-out-of-normalised-range"),
+    pytest.param(lambda: ReferencePolicy(output_dtype=torch.float16), r"output_dtype must be None .* or torch.uint8; got torch.float16",
+                 id="output-dtype-float16"),
+    pytest.param(lambda: ReferencePolicy(output_dtype=torch.uint8, mean=[0.5] * 3, std=[0.25] * 3),
+                 r"output_dtype=torch.uint8 .* cannot be combined with mean/std; got mean=\[0.5, 0.5, 0.5\]", id="uint8-out-normalised"),
+    pytest.param(lambda: ReferencePolicy.from_dict(_policy_dict(probability_logits=[float("nan"), 0.0])),
+                 r"probability_logits must be a flat list of 2 finite numbers, one per op of \['Rotate', 'Invert'\]; got nan for Rotate",
+                 id="from-dict-nan-logit"),
+    pytest.param(lambda: ReferencePolicy.from_dict(_policy_dict(probability_logits=[0.0, float("inf")])),
+                 r"probability_logits must be .* finite .*; got inf for Invert", id="from-dict-inf-logit"),
+    pytest.param(lambda: ReferencePolicy.from_dict(_policy_dict(magnitude_logits=[float("-inf")])),
+                 r"magnitude_logits must be a flat list of 1 finite numbers, one per op of \['Rotate'\]; got -inf for Rotate",
+                 id="from-dict-minus-inf-magnitude"),
+    pytest.param(lambda: ReferencePolicy.from_dict(_policy_dict(probability_logits=[[0.0], [0.0]])),
+                 r"must be a flat list of 2 finite numbers.*; got a nested list of shape \(2, 1\)", id="from-dict-nested"),
+    pytest.param(lambda: ReferencePolicy.from_dict(_policy_dict(probability_logits=[0.0])),
+                 r"must be a flat list of 2 finite numbers.*; got a list of shape \(1,\)", id="from-dict-short"),
+    pytest.param(lambda: ReferencePolicy.from_dict(_policy_dict(probability_logits=["a", "b"])),
+                 r"must be a flat list of 2 finite numbers.*; got \['a', 'b'\]", id="from-dict-strings"),
+    pytest.param(lambda: ReferencePolicy.from_dict(_policy_dict(probability_logits=None)),
+                 r"policy dict must hold the keys .*; missing \['probability_logits'\]", id="from-dict-missing-logits"),
+    pytest.param(lambda: ReferencePolicy.from_dict(_policy_dict(magnitude_logits=None, n_ops=None)),
+                 r"missing \['n_ops', 'magnitude_logits'\]", id="from-dict-missing-two"),
+]
+
+
+@pytest.mark.parametrize("call,match", POLICY_BOUNDARY_ROWS)
+def test_policy_boundary_refuses(call: Callable[[], object], match: str) -> None:
+    check_raises(call, DiffAugError, match)

@@ -35,6 +35,9 @@ NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the messa
     (["--lr", "-1"], "--lr must be positive; got -1.0"),
     (["--lr", "nan"], "--lr must be a finite number; got nan"),
     (["--lr", "inf"], "--lr must be a finite number; got inf"),
+    (["--search-steps", "0"], "--search-steps must be positive; got 0"),
+    (["--search-lr", "-0.01"], "--search-lr must be positive; got -0.01"),
+    (["--search-lr", "nan"], "--search-lr must be a finite number; got nan"),
     (["--workers", "-1"], "--workers must be >= 0; got -1"),
     (["--seed", "-1"], "--seed must be >= 0; got -1"),
     (["--epochs", "two"], "argument --epochs: invalid int value: 'two'"),
@@ -75,6 +78,7 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     (["--kd", "dkd"], "checkpoint was written with kd='kd'; this Distiller has kd='dkd'"),
     (["--lr", "0.2"], "checkpoint was written with lr=0.05; this Distiller has lr=0.2"),
     (["--seed", "5"], "checkpoint was written with seed=0; this Distiller has seed=5"),
+    (["--search-steps", "7"], "checkpoint was written with search_steps=None; this Distiller has search_steps=7"),
 ])
 def test_a_resume_with_changed_flags_is_refused_before_a_teacher_is_trained(finished: dict[str, Any], change: list[str],
                                                                           message: str,

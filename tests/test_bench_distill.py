@@ -128,3 +128,13 @@ def test_report_pairs_arms_and_settings_by_seed() -> None:
     # The 90 % interval for the equivalence test: 2.920 * 0.1 / sqrt(3) = 0.17 each side, outside +-0.5.
     assert "| tst − kd | 3 | +1.10 [+0.85, +1.35] | not shown (90 % [+0.93, +1.27]) |" in text
     assert "| mnist | tst | {'search_lr': 0.1} − default | 3 | +0.90 [+0.65, +1.15] |" in text
+
+
+def test_policy_movement_reads_the_two_numbers_of_a_full_policy() -> None:
+    """policy() also states what the numbers mean (dicts, sentences); the movement averages only p and m."""
+    from diffaug import ReferencePolicy
+
+    policies = [ReferencePolicy(probability={"Rotate": p}, magnitude={"Rotate": 0.9}).policy() for p in (0.7, 0.9)]
+    moved = _bench().policy_movement(policies)
+    assert moved["probability"] == pytest.approx(0.3, abs=1e-6)  # (0.2 + 0.4) / 2, float32 logits
+    assert moved["ops"]["Rotate"] == {"probability": 0.8, "magnitude": 0.9}

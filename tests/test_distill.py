@@ -327,6 +327,9 @@ def test_search_blocks_longer_than_a_pass_run_several_passes() -> None:
     history = distiller.fit(DataLoader(train, batch_size=20, shuffle=True, generator=torch.Generator()), 1)
     assert len(history["search"]) == 5  # 2 steps a pass: 2 + 2 + 1
     assert [r["iteration"] for r in history["search"]] == list(range(5))
+    # every step records the two learned numbers per op, not what they mean (the same at every step)
+    assert all(set(v) <= {"probability", "magnitude"} for r in history["search"] for v in r["policy"].values())
+    assert set(history["search"][0]["policy"]["Rotate"]) == {"probability", "magnitude"}
 
 
 def test_stage_three_takes_dkd_dist_or_a_callable_as_its_distillation_term() -> None:

@@ -373,3 +373,15 @@ def test_uniform_strength_survives_export(request, target: str) -> None:
     assert float(factors.min()) >= 1 - 0.9 * m - 0.01 and float(factors.max()) <= 1 + 0.9 * m + 0.01
     assert abs(float(factors.mean()) - 1) < 4 * spread / math.sqrt(400)
     assert abs(float(factors.std()) - spread) < 0.1 * spread
+
+
+def test_describe_and_policy_state_the_meaning_through_one_function() -> None:
+    from diffaug import ReferencePolicy, sampling
+    from diffaug import export
+
+    assert export.op_meaning is sampling.op_meaning  # one copy, in sampling (export only re-exports it)
+    policy = ReferencePolicy(["Solarize", "Rotate"], n_ops=1, probability=0.5, magnitude=0.3)
+    described = describe(policy)["ops"]["Solarize"]
+    stated = policy.policy()["Solarize"]
+    for key in ("strength", "effective_probability", "effective_strength"):
+        assert described[key] == stated[key]

@@ -121,3 +121,19 @@ def test_plot_errors() -> None:
         plot_policy_history({"train": []})
     with pytest.raises(DiffAugError, match=r"which is missing"):
         plot_policy_history("/nonexistent/history.json")
+
+
+@pytest.mark.parametrize(("sampling", "label"), [("relaxed", "P(full strength)"), ("mean", "the strength"),
+                                                 ("uniform", "uniform on [0, m]")])
+def test_policy_bars_say_what_the_magnitude_means(sampling: str, label: str) -> None:
+    aug = PolicyAugmenter(probability=0.5, magnitude={"Rotate": 0.4}, magnitude_sampling=sampling, priors=None)
+    fig, ax = plot_policy(aug)
+    labels = [text.get_text() for text in ax.get_legend().get_texts()]
+    assert any(label in t for t in labels), labels
+    if sampling == "relaxed":  # the third bar: p * m at full strength
+        heights = [bar.get_height() for bar in ax.patches[28:42]]
+        assert heights[aug.ops.index("Rotate")] == pytest.approx(0.5 * 0.4)
+    # a history's policy (the two numbers alone) still plots, without claiming a sampler
+    numbers = {op: {k: v[k] for k in ("probability", "magnitude") if k in v} for op, v in aug.policy().items()}
+    _, ax = plot_policy(numbers)
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["probability p", "magnitude m"]

@@ -121,9 +121,9 @@ def test_policy_reports_probabilities_and_magnitudes() -> None:
     policy = aug.policy()
     assert list(policy) == list(OPS)
     assert policy["Rotate"]["probability"] == pytest.approx(0.9)
-    assert policy["Color"] == pytest.approx({"probability": 0.5, "magnitude": 0.25})
+    assert policy["Color"]["probability"] == pytest.approx(0.5) and policy["Color"]["magnitude"] == pytest.approx(0.25)
     for name in ("Equalize", "Invert", "Cutout"):
-        assert set(policy[name]) == {"probability"}
+        assert "probability" in policy[name] and "magnitude" not in policy[name]
 
 
 def test_sample_draws_n_ops_per_image_without_replacement() -> None:
@@ -377,8 +377,8 @@ def test_bad_arguments_raise(kwargs: dict, match: str) -> None:
 
 def test_bad_images_raise_at_forward() -> None:
     aug = PolicyAugmenter()
-    with pytest.raises(DiffAugError, match=r"got uint8 of shape \(2, 3, 8, 8\)"):
-        aug(torch.zeros(2, 3, 8, 8, dtype=torch.uint8))
+    with pytest.raises(DiffAugError, match=r"or uint8 .*; got int16 of shape \(2, 3, 8, 8\)"):
+        aug(torch.zeros(2, 3, 8, 8, dtype=torch.int16))
     with pytest.raises(DiffAugError, match=r"got values in \[-0.5"):
         aug(torch.full((2, 3, 8, 8), -0.5))
 
@@ -443,7 +443,7 @@ def test_from_dict_rejects_foreign_data() -> None:
         PolicyAugmenter.from_dict({"ops": ["Rotate"]})
     data = PolicyAugmenter().to_dict()
     data["probability_logits"] = [0.0]
-    with pytest.raises(DiffAugError, match=r"probability_logits must have 14 values; got 1"):
+    with pytest.raises(DiffAugError, match=r"probability_logits must be a flat list of 14 finite numbers, .*; got a list of shape \(1,\)"):
         PolicyAugmenter.from_dict(data)
 
 
@@ -542,3 +542,90 @@ def test_an_affine_encoder_without_matrices_is_refused_at_construction() -> None
         PolicyAugmenter(ops=["Rotate"], priors={"Rotate": OnlyTransform("Rotate", "default")})
     # A colour op needs only transform.
     PolicyAugmenter(ops=["Brightness"], priors={"Brightness": OnlyTransform("Brightness", "default")})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What a policy means (issue 31, item 1)
+
+
+@pytest.mark.parametrize(("sampling", "strength", "effective"), [
+    ("relaxed", {"kind": "full_or_none", "full_probability": 0.3}, 0.5 * 0.3),
+    ("mean", {"kind": "fixed", "value": 0.3}, 0.5),
+    ("uniform", {"kind": "uniform", "low": 0.0, "high": 0.3}, 0.5),
+])
+def test_policy_states_the_strength_distribution_per_sampler(sampling: str, strength: dict, effective: float) -> None:
+    from diffaug import ReferencePolicy
+
+    policy = ReferencePolicy(["Solarize", "Invert"], n_ops=1, probability=0.5, magnitude=0.3,
+                             magnitude_sampling=sampling).policy()
+    solarize = policy["Solarize"]
+    # float32 logits round 0.3 to within 1e-7
+    assert solarize["probability"] == pytest.approx(0.5) and solarize["magnitude"] == pytest.approx(0.3)
+    assert solarize["strength"] == pytest.approx(strength)
+    assert solarize["effective_probability"] == pytest.approx(effective)
+    assert "magnitude" not in policy["Invert"] and policy["Invert"]["strength"] == {"kind": "fixed", "value": 1.0}
+
+
+def test_relaxed_meaning_matches_the_draws() -> None:
+    """Under "relaxed", eval-mode draws of an applied op are at strength 0 or 1, full with probability m: what
+    policy() says. 4,000 draws: the binomial standard error at m = 0.3 is 0.007, so 0.03 is over 4 sigma."""
+    aug = PolicyAugmenter(["Solarize"], n_ops=1, probability=0.5, magnitude=0.3, priors=None, seed=0).eval()
+    sample = aug.sample(4000)
+    applied = sample.gates[:, 0] > 0.5
+    strength = sample.magnitudes[applied, 0].abs()
+    assert set(strength.unique().tolist()) <= {0.0, 1.0}
+    assert float((strength == 1).float().mean()) == pytest.approx(aug.policy()["Solarize"]["strength"]["full_probability"], abs=0.03)
+
+
+def test_to_dict_carries_the_meaning_and_reads_an_old_dict_the_same() -> None:
+    import json
+    from pathlib import Path
+
+    from diffaug import ReferencePolicy
+
+    old = json.loads((Path(__file__).parent / "data" / "policy_format1_before_meaning.json").read_text())
+    assert "meaning" not in old  # written before to_dict carried it
+    policy = ReferencePolicy.from_dict(old)
+    data = json.loads(json.dumps(policy.to_dict()))
+    assert data["meaning"]["Solarize"]["strength"]["kind"] == "full_or_none"
+    assert data["meaning"]["Solarize"]["effective_probability"] == pytest.approx(0.3 * 0.3)
+    assert data["probability_logits"] == old["probability_logits"] and data["magnitude_logits"] == old["magnitude_logits"]
+    assert ReferencePolicy.from_dict(data).policy() == policy.policy()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A seeded ReferencePolicy in DataLoader workers
+
+
+def test_pickling_carries_the_generator_state() -> None:
+    from diffaug import ReferencePolicy
+
+    policy = ReferencePolicy(seed=3)
+    policy.sample(4)  # move the stream on: the copy must continue from here, not from the seed
+    copy_ = pickle.loads(pickle.dumps(policy))
+    deep = copy.deepcopy(policy)
+    expected = policy.sample(5)
+    for other in (copy_, deep):
+        assert other.generator is not policy.generator
+        assert torch.equal(other.sample(5).gates, expected.gates)
+
+
+def _worker_batches(context: str, seed: int) -> list[torch.Tensor]:
+    from diffaug import ReferencePolicy
+
+    from .workers_dataset import Augmented
+
+    torch.manual_seed(seed)  # the DataLoader's base seed, hence the workers' seeds
+    loader = torch.utils.data.DataLoader(Augmented(ReferencePolicy(seed=0, probability=0.7)), batch_size=4,
+                                         num_workers=2, multiprocessing_context=context)
+    return list(loader)
+
+
+@pytest.mark.parametrize("context", ["fork", pytest.param("spawn", marks=pytest.mark.slow)])
+def test_seeded_reference_policy_in_dataloader_workers(context: str) -> None:
+    first, second = _worker_batches(context, seed=1)  # batch i comes from worker i
+    assert not torch.equal(first, second)  # each worker its own stream
+    again = _worker_batches(context, seed=1)
+    assert torch.equal(again[0], first) and torch.equal(again[1], second)  # a rerun draws the same
+    other = _worker_batches(context, seed=2)
+    assert not torch.equal(other[0], first)  # another base seed (another epoch), other draws

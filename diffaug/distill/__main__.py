@@ -52,7 +52,7 @@ from .trainer import read_checkpoint
 # -- flags -------------------------------------------------------------------------------------------------------
 
 # Flags that must be positive (the rest of the numbers must be >= 0); NaN and inf are never valid.
-POSITIVE = ("epochs", "teacher_epochs", "batch_size", "train_size", "image_size", "lr")
+POSITIVE = ("epochs", "teacher_epochs", "batch_size", "train_size", "image_size", "lr", "search_steps", "search_lr")
 AT_LEAST_ZERO = ("workers", "seed")
 
 
@@ -109,6 +109,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None,
                    help="global batch of originals, split over the ranks (default: the recipe's)")
     p.add_argument("--lr", type=float, default=None, help="Stage III learning rate (default: the recipe's)")
+    p.add_argument("--search-steps", type=int, default=None,
+                   help="Stage II steps per search block (default: one pass over the training data; the paper's "
+                        "shortest ablation searched 391, its configs about 30 passes)")
+    p.add_argument("--search-lr", type=float, default=Search.lr, help="Stage II learning rate (default: %(default)s)")
     p.add_argument("--device", type=_device, default="cpu", help="cpu or cuda; under torchrun each rank takes "
                    "cuda:LOCAL_RANK (default: %(default)s)")
     p.add_argument("--amp", choices=("bf16", "fp16"), default=None, help="mixed precision (default: none)")
@@ -148,7 +152,7 @@ def settings(args: argparse.Namespace, recipe: Recipe, mean: list[float], std: l
     """The Distiller's settings from the flags and the recipe."""
     return Settings(
         StageThree(lr=args.lr, weight_decay=recipe.weight_decay, milestone_fractions=recipe.milestones, kd=args.kd),
-        Search(),
+        Search(steps=args.search_steps, lr=args.search_lr),
         Run(seed=args.seed, mean=tuple(mean), std=tuple(std), device=args.device, amp=args.amp,
             channels_last=args.channels_last),
     )

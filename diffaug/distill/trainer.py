@@ -181,7 +181,7 @@ class Trainer:
                 self.stage.where = f"epoch {self.epoch}, step {self.step}"
                 record = {"epoch": self.epoch, "iteration": self.iteration,
                           **self.stage.search_step(*self.stage.prepare.batch(batch))}
-                records.append({**record, "policy": self.stage.policy()})
+                records.append({**record, "policy": policy_numbers(self.stage.policy())})
                 self.iteration += 1
             if self.search_steps is None or len(records) >= self.search_steps or len(records) == before:
                 return records
@@ -202,7 +202,7 @@ class Trainer:
             record: dict[str, Any] = {"epoch": self.epoch}
             self.schedule.epoch(self.optimiser, self.epoch)
             if self.epoch in searches:
-                before = self.stage.policy()
+                before = policy_numbers(self.stage.policy())
                 records = self.search_block(loader)
                 self.history["search"] += records
                 record["search"] = search_summary(before, records)
@@ -227,7 +227,7 @@ class Trainer:
             record |= self.stage.epoch_summary(records)
             record["lr"] = self.optimiser.param_groups[0]["lr"]
             record["iteration"] = self.iteration
-            record["policy"] = self.stage.policy()
+            record["policy"] = policy_numbers(self.stage.policy())
             name = f"val_{self.metric_name}"
             if val_loader is not None:
                 record[name] = self.stage.evaluate(val_loader)
@@ -340,3 +340,11 @@ def train_teacher(model: torch.nn.Module, loader: Iterable, epochs: int, device:
                       progress=progress, label="teacher epoch", reorder_data=False, metric_name="accuracy")
     trainer.fit(loader, epochs)
     return model.eval()
+
+
+def policy_numbers(policy: dict[str, dict[str, Any]] | None) -> dict[str, dict[str, float]] | None:
+    """A policy's learned numbers alone (each op's probability and magnitude), as the history records them at every
+    Stage II step: what they mean under the sampler is the augmenter's ``policy()``, the same at every step."""
+    if policy is None:
+        return None
+    return {op: {k: v[k] for k in ("probability", "magnitude") if k in v} for op, v in policy.items()}
