@@ -157,7 +157,7 @@ def plot_search_diagnostics(
     means the search mostly follows the teacher: it removes views the teacher fails on rather than finding what the
     student lacks. ``history`` is ``Distiller.fit``'s return value or its JSON file."""
     records = _load_json(history, "history").get("search")
-    if not records or "teacher_accuracy" not in records[0]:
+    if not records or not any("teacher_accuracy" in r for r in records):  # a step with no labelled pixel has none
         raise DiffAugError("history must be a Distiller history with Stage II steps that record 'teacher_accuracy'; "
                            f"got {'no Stage II steps' if not records else 'keys ' + str(list(records[0]))}")
     if ax is None:
@@ -169,8 +169,8 @@ def plot_search_diagnostics(
     terms.plot(steps, [r["teacher_ce"] for r in records], label="teacher CE (alpha term)")
     terms.plot(steps, [r["student_term"] for r in records], label="-log(1 - p_S[y]) (beta term)")
     terms.set(title="Eq. 2's terms", xlabel="Stage II step", ylabel="loss")
-    teacher.plot(steps, [r["teacher_accuracy"] for r in records], label="accuracy")
-    teacher.plot(steps, [r["teacher_confidence"] for r in records], label="mean p_T(y)")
+    teacher.plot(steps, [r.get("teacher_accuracy", math.nan) for r in records], label="accuracy")
+    teacher.plot(steps, [r.get("teacher_confidence", math.nan) for r in records], label="mean p_T(y)")
     teacher.set(title="teacher on x_hat", xlabel="Stage II step", ylim=(0, 1.02))
     measured = [(step, r) for step, r in zip(steps, records, strict=True) if "grad_cosine" in r]
     if measured:
