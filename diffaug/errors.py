@@ -6,15 +6,18 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["DiffAugError", "check_images", "check_magnitude"]
+__all__ = ["DiffAugError", "check_images", "check_magnitude", "describe"]
 
 
 class DiffAugError(ValueError):
     """Raised for any input diffaug cannot use; the message names what was expected and what was given."""
 
 
-def _describe(x: torch.Tensor) -> str:
-    return f"{str(x.dtype).removeprefix('torch.')} of shape {tuple(x.shape)}"
+def describe(x: object) -> str:
+    """What an argument is, for an error message: "float32 of shape (4, 3, 32, 32)" for a tensor, else its type."""
+    if isinstance(x, torch.Tensor):
+        return f"{str(x.dtype).removeprefix('torch.')} of shape {tuple(x.shape)}"
+    return type(x).__name__
 
 
 def format_bound(value: float, low: float, high: float) -> str:
@@ -42,21 +45,21 @@ def check_images(x: object, name: str = "images", value_range: tuple[float, floa
     if not isinstance(x, torch.Tensor):
         raise DiffAugError(f"{expected}; got {type(x).__name__}")
     if not x.is_floating_point():
-        raise DiffAugError(f"{expected}; got {_describe(x)} (convert with x.float() / 255)")
+        raise DiffAugError(f"{expected}; got {describe(x)} (convert with x.float() / 255)")
     if x.dim() not in (3, 4):
-        raise DiffAugError(f"{expected}; got {_describe(x)}")
+        raise DiffAugError(f"{expected}; got {describe(x)}")
     channels = x.shape[-3]
     if channels not in (1, 3):
         permute = "x.permute(2, 0, 1)" if x.dim() == 3 else "x.permute(0, 3, 1, 2)"
         hint = f" (channels-last? use {permute})" if x.shape[-1] in (1, 3) else ""
-        raise DiffAugError(f"{expected}; got {_describe(x)} with {channels} channels{hint}")
+        raise DiffAugError(f"{expected}; got {describe(x)} with {channels} channels{hint}")
     if x.numel() == 0:
         raise DiffAugError(f"{expected}; got an empty tensor of shape {tuple(x.shape)}")
     # Compared as Python floats: two reads, where tensor comparisons would dispatch 14 more ops on every call.
     lo, hi = (float(v) for v in torch.aminmax(x.detach()))
     if not (lo >= value_range[0] and hi <= value_range[1]):
         if not torch.isfinite(x).all():
-            raise DiffAugError(f"{expected}; got {_describe(x)} containing NaN or inf")
+            raise DiffAugError(f"{expected}; got {describe(x)} containing NaN or inf")
         raise DiffAugError(f"{expected}; got values in {format_range(lo, hi, *value_range)}")
 
 
@@ -67,7 +70,7 @@ def check_magnitude(magnitude: object, batch: int, signed: bool, op: str) -> tor
     if not isinstance(magnitude, torch.Tensor):
         raise DiffAugError(f"{expected}; got {type(magnitude).__name__}")
     if not magnitude.is_floating_point() or tuple(magnitude.shape) != (batch,):
-        raise DiffAugError(f"{expected}; got {_describe(magnitude)}")
+        raise DiffAugError(f"{expected}; got {describe(magnitude)}")
     mlo, mhi = (float(v) for v in torch.aminmax(magnitude.detach()))
     if not (mlo >= lo and mhi <= 1.0):  # NaN fails both
         raise DiffAugError(f"{expected}; got values in {format_range(mlo, mhi, lo, 1.0)}")

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .errors import DiffAugError
+from .errors import DiffAugError, describe
 from .ops import warp_rows
 
 __all__ = ["Augmented", "check_targets", "move_targets"]
@@ -41,12 +41,6 @@ class Augmented(NamedTuple):
     keep: list[Tensor] | None = None
 
 
-def _describe(x: object) -> str:
-    if isinstance(x, Tensor):
-        return f"{str(x.dtype).removeprefix('torch.')} of shape {tuple(x.shape)}"
-    return type(x).__name__
-
-
 def check_targets(
     images: Tensor, masks: Tensor | None, boxes: Sequence[Tensor] | None, keypoints: Sequence[Tensor] | None,
     ignore_index: int | None = None,
@@ -62,12 +56,12 @@ def check_targets(
                     "images")
         if not isinstance(masks, Tensor) or masks.dim() not in (3, 4) or masks.shape[0] != b \
                 or tuple(masks.shape[-2:]) != (h, w):
-            raise DiffAugError(f"{expected}; got {_describe(masks)}")
+            raise DiffAugError(f"{expected}; got {describe(masks)}")
         if masks.dim() == 3 and (masks.is_floating_point() or masks.is_complex() or masks.dtype == torch.bool):
-            raise DiffAugError(f"{expected}; got {_describe(masks)} (label masks must be integers, e.g. "
+            raise DiffAugError(f"{expected}; got {describe(masks)} (label masks must be integers, e.g. "
                                "masks.long(); soft masks need the K dimension)")
         if masks.dim() == 4 and not masks.is_floating_point():
-            raise DiffAugError(f"{expected}; got {_describe(masks)} (a 4-d mask is K float masks per image)")
+            raise DiffAugError(f"{expected}; got {describe(masks)} (a 4-d mask is K float masks per image)")
         if masks.dim() == 3 and ignore_index is not None:
             _check_label_masks(masks, ignore_index)
     for name, points, width in (("boxes", boxes, 4), ("keypoints", keypoints, 2)):
@@ -77,11 +71,11 @@ def check_targets(
         expected = f"{name} must be a list of {b} float tensors of {what} in pixels, one per image"
         if isinstance(points, Tensor) or not isinstance(points, Sequence) or len(points) != b:
             got = f"a sequence of {len(points)}" if isinstance(points, Sequence) and not isinstance(points, Tensor) \
-                else _describe(points)
+                else describe(points)
             raise DiffAugError(f"{expected}; got {got}")
         for i, p in enumerate(points):
             if not isinstance(p, Tensor) or p.dim() != 2 or p.shape[1] != width or not p.is_floating_point():
-                raise DiffAugError(f"{expected}; got {_describe(p)} for image {i}")
+                raise DiffAugError(f"{expected}; got {describe(p)} for image {i}")
         _check_coordinates(name, points)
 
 

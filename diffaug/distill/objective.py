@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import DiffAugError
+from ..errors import DiffAugError, describe
 
 __all__ = ["KD_LOSSES", "LogitKD", "check_class_indices", "dist_loss", "dkd_loss", "kd_loss", "log_one_minus_softmax", "logit_kd", "soft_kl",
            "stage_three_loss", "tst_loss", "tst_terms"]
@@ -50,26 +50,22 @@ def check_class_indices(targets: Tensor, classes: int, name: str = "targets", ig
                            f"classes; got values in [{lo}, {hi}]{hint}")
 
 
-def _describe(x: object) -> str:
-    return f"{x.dtype} of shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
-
-
 def _check_logits(name: str, logits: Tensor, targets: Tensor | None, other: Tensor | None = None,
                   other_name: str = "teacher_logits") -> None:
     if not isinstance(logits, Tensor) or logits.dim() != 2 or not logits.is_floating_point():
-        raise DiffAugError(f"{name} must be float logits of shape (B, num_classes); got {_describe(logits)}")
+        raise DiffAugError(f"{name} must be float logits of shape (B, num_classes); got {describe(logits)}")
     if logits.shape[1] < 2:
         raise DiffAugError(f"{name} must have at least 2 classes; got shape {tuple(logits.shape)}")
     if other is not None and (not isinstance(other, Tensor) or other.shape != logits.shape
                               or not other.is_floating_point()):
         raise DiffAugError(f"{name} and {other_name} must be float logits of the same shape; got {name} "
-                           f"{_describe(logits)} and {other_name} {_describe(other)}")
+                           f"{describe(logits)} and {other_name} {describe(other)}")
     if targets is None:
         return
     if not isinstance(targets, Tensor) or targets.shape != (logits.shape[0],) \
             or targets.dtype not in (torch.int64, torch.int32):
         raise DiffAugError(f"targets must be integer class indices of shape ({logits.shape[0]},); got "
-                           f"{_describe(targets)}")
+                           f"{describe(targets)}")
     check_class_indices(targets, logits.shape[1])
 
 
