@@ -65,7 +65,7 @@ def eight_bit_levels(x: Tensor) -> Tensor:
 
 
 def clip01(x: Tensor) -> Tensor:
-    """Clip to [0, 1]. hardtanh, not clamp: the same values and gradients, with a 3x faster backward on CPU."""
+    """Clip to [0, 1]. hardtanh, not clamp: the same values and gradients, with a cheaper backward on the CPU."""
     return F.hardtanh(x, 0.0, 1.0)
 
 
@@ -82,7 +82,7 @@ def warp(x: Tensor, linear: Tensor, shift: Tensor, mode: Literal["bilinear", "ne
     The edge blends with black over half a pixel (grid_sample's zero padding), where PIL repeats the edge pixel up
     to the border and then cuts to black; the two differ only on the one-pixel rim of the sampled area. We keep
     the blend because it makes the output continuous in the matrix: a cut is invisible to gradients, and a
-    meta-encoder could then not be fitted closely at the rim (measured: 46 dB against 60+ dB).
+    meta-encoder could then not be fitted closely at the rim (figures in benchmarks/results/layouts.md).
 
     The sampling grid is one matrix product, as in ``F.affine_grid``, so it follows the float32 matmul precision
     setting (``torch.backends.cuda.matmul.allow_tf32`` and the like) as that does. Geometry is never computed in
@@ -167,8 +167,8 @@ def _grid_basis(height: int, width: int, dtype: torch.dtype, device: torch.devic
     with u, v the pixel centres in [-1, 1].
 
     One matrix product builds every image's grid, and its backward is one more. The same sums written as broadcast
-    multiply-adds over (B, H, W, 2) cost twice as much forward and 1.4 times backward at 32 px on the CPU (their
-    innermost dimension is 2; measured with 80 images); at 224 px the two cost about the same. Cached: a few sizes
+    multiply-adds over (B, H, W, 2) cost more on the CPU at small sizes (their innermost dimension is 2), the same at
+    224 px (figures in benchmarks/results/layouts.md). Cached: a few sizes
     per process, 12 H W values each.
     """
     with torch.inference_mode(False):  # the cache outlives an inference_mode block, and autograd saves the basis
