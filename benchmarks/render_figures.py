@@ -13,12 +13,14 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from bench_distill import DEFAULTS, EPOCHS, setup, teacher_path, train_cached_teacher  # noqa: E402  (beside this file)
+from bench_distill import (  # noqa: E402  (beside this file)
+    DEFAULTS, EPOCHS, LONG_SEARCH_STEPS, RESULTS, STUDENT_LR, setup, teacher_path, train_cached_teacher)
 from diffaug import PolicyAugmenter  # noqa: E402
-from diffaug.distill import default_milestones  # noqa: E402
+from diffaug.distill import Distiller, default_milestones  # noqa: E402
+from diffaug.distill.data import standard_augment  # noqa: E402
 from diffaug.fit import load_images, random_crops  # noqa: E402
 from diffaug.plot import (  # noqa: E402
-    plot_fit_report, plot_policy_history, plot_teacher_confidence, show_augmented, show_ops)
+    plot_fit_report, plot_policy_history, plot_search_diagnostics, plot_teacher_confidence, show_augmented, show_ops)
 from diffaug.priors import shipped_priors_dir  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[1] / "tutorials" / "figures"
@@ -36,23 +38,32 @@ def main() -> None:
     plot_fit_report(shipped_priors_dir())[0].savefig(OUT / "fit_report.png", dpi=72)
 
     # The TST arm of the README's experiment, seed 0 on MNIST, with the library's defaults (bench_distill.py).
-    cache = Path("runs/teachers")
-    config = {"task": "mnist", "arm": "tst", "seed": 0, "epochs": EPOCHS["mnist"], "teacher_epochs": 60,
-              "split": "validation", "settings": DEFAULTS}
-    if not teacher_path(cache, "mnist", 0, 60).is_file():
-        train_cached_teacher("mnist", 0, 60, cache)
-    splits, loader, _, distiller = setup(config, cache)
-    assert distiller is not None
-    # The policy stops moving after the second search block (3/8 of the epochs), so the figure trains only up to
-    # it, with the full run's schedule written out: the same first epochs as the benchmark's run, at 2/5 the cost.
-    epochs = config["epochs"]
-    distiller.milestones = default_milestones(epochs)
-    distiller.search_epochs = [epochs // 8, 3 * epochs // 8]
-    history = distiller.fit(loader, 3 * epochs // 8 + 1, DataLoader(splits.validation, batch_size=500))
+    history = _replay("tst")
     plot_policy_history(history)[0].savefig(OUT / "policy_history.png", dpi=72)
     print("learned policy:", {k: {n: round(v, 2) for n, v in p.items()} for k, p in history["epochs"][-1]["policy"].items()})
     plot_teacher_confidence(history)[0].savefig(OUT / "teacher_confidence.png", dpi=72)
+    # The dose experiment's tst-long arm, seed 0: what its Stage II did, step by step.
+    plot_search_diagnostics(_replay("tst-long"))[0].savefig(OUT / "search_diagnostics.png", dpi=72)
     print(f"wrote {sorted(p.name for p in OUT.glob('*.png'))} to {OUT}")
+
+
+def _replay(arm: str, cache: Path = Path(os.environ.get("TEACHER_CACHE", "runs/teachers"))) -> dict:
+    """The first 3/8 of the benchmark's seed-0 MNIST run of ``arm``, up to the end of its second search block
+    (where the policy stops moving), with the full run's schedule written out: the same first epochs as the
+    benchmark's run, at 2/5 the cost."""
+    epochs = EPOCHS["mnist"]
+    config = {"task": "mnist", "arm": arm, "seed": 0, "epochs": epochs, "teacher_epochs": 60, "settings": DEFAULTS}
+    if arm == "tst-long":
+        config["search_steps"] = LONG_SEARCH_STEPS
+    if not teacher_path(cache, "mnist", 0, 60).is_file():
+        train_cached_teacher("mnist", 0, 60, cache)
+    splits, loader, student, distiller = setup(config, cache, RESULTS)
+    assert distiller is not None
+    distiller = Distiller(distiller.teacher, student, distiller.augmenter, standard_augment=standard_augment("mnist"),
+                          lr=STUDENT_LR, seed=0, progress=False, milestones=default_milestones(epochs),
+                          search_epochs=[epochs // 8, 3 * epochs // 8], search_lr=DEFAULTS["search_lr"],
+                          search_steps=config.get("search_steps", DEFAULTS["search_passes"] * len(loader)))
+    return distiller.fit(loader, 3 * epochs // 8 + 1, DataLoader(splits.validation, batch_size=500))
 
 
 if __name__ == "__main__":
