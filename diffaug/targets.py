@@ -81,7 +81,13 @@ def check_targets(
 
 def _check_coordinates(name: str, points: Sequence[Tensor]) -> None:
     """Finite coordinates, and boxes with x1 <= x2 and y1 <= y2: an inf would survive the move as a box that
-    covers the image, and a reordered box would be a different box. One reduction per image and kind."""
+    covers the image, and a reordered box would be a different box. The batch is checked in one pass; only a
+    batch that fails is gone through image by image, for the message."""
+    present = [p.detach() for p in points if p.numel()]
+    if present and len({p.device for p in present}) == 1:
+        every = torch.cat(present)
+        if bool(torch.isfinite(every).all()) and not (every.shape[1] == 4 and bool((every[:, 2:] < every[:, :2]).any())):
+            return
     for i, p in enumerate(points):
         if p.numel() == 0:
             continue
